@@ -1,0 +1,60 @@
+"""slimkit: make trained PyTorch models smaller and faster to deploy, with a measured loss of
+accuracy.
+
+The public verbs are loaded lazily, so ``import slimkit`` stays cheap (it imports neither torch's
+ONNX stack, onnxruntime, matplotlib nor optuna until a feature needs them)::
+
+    import slimkit as sk
+    model = sk.zoo.pretrained("digits_cnn")
+    report = sk.export_onnx(model, "digits.onnx", example_inputs=x)   # checks ORT parity
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# public name -> "module:attribute" (or "module" for a subpackage), imported on first use
+_LAZY = {
+    "export_onnx": "slimkit.export.onnx:export_onnx",
+    "measure_latency": "slimkit.analyze.latency:measure_latency",
+    "save": "slimkit.core.io:save_weights",
+    "Scope": "slimkit.core.scope:Scope",
+    "zoo": "slimkit.zoo",
+    "errors": "slimkit.errors",
+}
+
+if TYPE_CHECKING:  # pragma: no cover
+    from slimkit import errors, zoo
+    from slimkit.analyze.latency import measure_latency
+    from slimkit.core.io import save_weights as save
+    from slimkit.core.scope import Scope
+    from slimkit.export.onnx import export_onnx
+
+
+def __getattr__(name: str) -> Any:
+    target = _LAZY.get(name)
+    if target is None:
+        raise AttributeError(f"module 'slimkit' has no attribute {name!r}")
+    mod_name, _, attr = target.partition(":")
+    mod = importlib.import_module(mod_name)
+    value = getattr(mod, attr) if attr else mod
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
+
+__all__ = [
+    "__version__",
+    "Scope",
+    "errors",
+    "export_onnx",
+    "measure_latency",
+    "save",
+    "zoo",
+]

@@ -1,0 +1,112 @@
+"""Latency measured the way BENCHMARKS.md asks: warm-up, interleaved rounds, medians and spread.
+
+Shared machines drift by 10-15 % over seconds, so candidates are timed in turns (A, B, A, B, ...)
+and each reports the median of its round medians plus the spread of those medians::
+
+    stats = measure_latency({"eager": torch_runner(model, x), "ort": ort_runner(sess, x)})
+    stats["ort"].median_ms, stats["ort"].spread_ms
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+Runner = Callable[[], Any]
+
+
+@dataclass
+class LatencyStats:
+    """One candidate's timing: median of round medians, and the (min, max) of the round medians."""
+
+    name: str
+    median_ms: float
+    spread_ms: tuple[float, float]
+    round_medians_ms: list[float]
+    runs_per_round: int
+    rounds: int
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["spread_ms"] = list(self.spread_ms)
+        return d
+
+
+def torch_runner(model: torch.nn.Module, inputs: Sequence[torch.Tensor]) -> Runner:
+    """A zero-argument callable running ``model(*inputs)`` in eval mode without autograd."""
+    model.eval()
+    args = tuple(inputs)
+
+    def run() -> Any:
+        with torch.inference_mode():
+            return model(*args)
+
+    return run
+
+
+def ort_runner(session: Any, inputs: Sequence[Any]) -> Runner:
+    """A zero-argument callable running an ONNX Runtime session on fixed inputs."""
+    from slimkit.export.ort import feeds
+
+    fed = feeds(session, inputs)
+
+    def run() -> Any:
+        return session.run(None, fed)
+
+    return run
+
+
+def measure_latency(
+    candidates: Mapping[str, Runner],
+    *,
+    runs: int = 50,
+    warmup: int = 10,
+    rounds: int = 3,
+    max_seconds: float | None = None,
+    on_round: Callable[[int, str], None] | None = None,
+) -> dict[str, LatencyStats]:
+    """Time each runner ``runs`` times per round, in interleaved rounds, after ``warmup`` calls.
+
+    ``max_seconds`` caps the total: runs per round shrink (to at least 5) for slow candidates,
+    judged from the warm-up. ``on_round(round, name)`` is called before each timed block.
+    """
+    if not candidates:
+        return {}
+    per_call: dict[str, float] = {}
+    for name, fn in candidates.items():
+        t0 = time.perf_counter()
+        for _ in range(max(warmup, 1)):
+            fn()
+        per_call[name] = (time.perf_counter() - t0) / max(warmup, 1)
+    n = runs
+    if max_seconds is not None:
+        est = sum(per_call.values()) * rounds
+        if est * runs > max_seconds:
+            n = max(5, int(max_seconds / max(est, 1e-9)))
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    for r in range(rounds):
+        for name, fn in candidates.items():
+            if on_round is not None:
+                on_round(r, name)
+            times = []
+            for _ in range(n):
+                t0 = time.perf_counter_ns()
+                fn()
+                times.append((time.perf_counter_ns() - t0) / 1e6)
+            samples[name].append(statistics.median(times))
+    return {
+        name: LatencyStats(
+            name=name,
+            median_ms=statistics.median(meds),
+            spread_ms=(min(meds), max(meds)),
+            round_medians_ms=meds,
+            runs_per_round=n,
+            rounds=rounds,
+        )
+        for name, meds in samples.items()
+    }

@@ -1,0 +1,77 @@
+"""The base of every method config: a frozen pydantic v2 model that forbids unknown keys.
+
+The same class serves the Python call, the YAML recipe step and the CLI flags. Any validation
+failure becomes a ``ConfigError`` naming the field and, for a misspelt key, the one that was meant::
+
+    class PTQ(Config):
+        calibration: Literal["minmax", "percentile"] = "minmax"   # how ranges are chosen
+
+    PTQ(calibraton="percentile")
+    # ConfigError: PTQ: unknown key 'calibraton'. Fix: did you mean 'calibration'? valid keys: ...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from slimkit.core.registry import did_you_mean
+from slimkit.errors import ConfigError
+
+C = TypeVar("C", bound="Config")
+
+
+class Config(BaseModel):
+    """Frozen, strict config. Subclasses add typed fields with commented defaults."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            raise config_error(type(self), e, data) from None
+
+    @classmethod
+    def from_dict(cls: type[C], data: Mapping[str, Any] | None) -> C:
+        """Build from a recipe step / parsed YAML mapping, with the same friendly errors."""
+        if data is None:
+            return cls()
+        if not isinstance(data, Mapping):
+            raise ConfigError(
+                f"{cls.__name__}: expected a mapping of options, got {type(data).__name__}",
+                fix=f"write the step as a mapping, e.g. {{{', '.join(cls.model_fields)}}}",
+            )
+        return cls(**dict(data))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON/YAML-ready values (round-trips through ``from_dict``)."""
+        return self.model_dump(mode="json")
+
+    def replace(self: C, **changes: Any) -> C:
+        """A copy with some fields changed, validated again."""
+        return type(self)(**{**self.model_dump(), **changes})
+
+
+def config_error(
+    cls: type[BaseModel], err: ValidationError, data: Mapping[str, Any]
+) -> ConfigError:
+    """Turn pydantic's report into one readable ConfigError (unknown keys get a did-you-mean)."""
+    fields = list(cls.model_fields)
+    problems: list[str] = []
+    fixes: list[str] = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(config)"
+        if e["type"] == "extra_forbidden":
+            key = str(e["loc"][0])
+            problems.append(f"unknown key {key!r}")
+            hint = did_you_mean(key, fields)
+            if hint:
+                fixes.append(hint)
+        else:
+            got = e.get("input", data.get(loc, None)) if isinstance(data, Mapping) else None
+            problems.append(f"{loc}: {e['msg']} (got {got!r})")
+    fixes.append(f"valid keys: {', '.join(fields) or '(none)'}")
+    return ConfigError(f"{cls.__name__}: " + "; ".join(problems), fix="; ".join(fixes))

@@ -1,0 +1,185 @@
+"""Files: atomic writes, safetensors weights with metadata, and pickle-free checkpoint loading.
+
+Nothing slimkit writes is ever half-written: every file goes to a temporary sibling and is renamed
+into place (``os.replace`` is atomic on POSIX and Windows). Weights are stored as safetensors; a
+``.pt`` file is only ever read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+from slimkit.errors import CheckpointError
+
+PathLike = str | os.PathLike[str]
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``, renamed to ``path`` only if the block succeeds."""
+    dest = Path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, dest)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_write(
+    path: PathLike, mode: str = "w", encoding: str | None = "utf-8"
+) -> Iterator[IO[Any]]:
+    """``open()`` for writing, but the file appears at ``path`` only once it is complete."""
+    with atomic_path(path) as tmp:
+        enc = None if "b" in mode else encoding
+        with open(tmp, mode, encoding=enc) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def write_json(path: PathLike, obj: Any) -> None:
+    with atomic_write(path) as f:
+        json.dump(obj, f, indent=2, sort_keys=False, default=str)
+        f.write("\n")
+
+
+def _require_file(path: PathLike, what: str) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(
+            f"{what} {str(p)!r} does not exist" + (" (it is a directory)" if p.is_dir() else ""),
+            fix="check the path; artifacts store weights as model.safetensors inside their folder",
+        )
+    return p
+
+
+def save_weights(
+    state: Mapping[str, torch.Tensor] | torch.nn.Module,
+    path: PathLike,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Save a state dict (or a module's) as safetensors, atomically. Shared tensors are copied."""
+    from safetensors.torch import save_file
+
+    sd = state.state_dict() if isinstance(state, torch.nn.Module) else state
+    # safetensors refuses tensors that share storage (tied weights, views): store each one dense.
+    tensors = {
+        k: v.detach().contiguous().clone() for k, v in sd.items() if isinstance(v, torch.Tensor)
+    }
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=dict(metadata or {}))
+    return Path(path)
+
+
+def load_weights(path: PathLike, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Load a safetensors file, or a ``.pt``/``.pth`` file that holds nothing but tensors."""
+    p = _require_file(path, "weights file")
+    if p.suffix in (".pt", ".pth", ".bin", ".ckpt"):
+        obj = safe_torch_load(p, device=device)
+        if isinstance(obj, torch.nn.Module):  # pragma: no cover - weights_only refuses modules
+            obj = obj.state_dict()
+        if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+            obj = obj["state_dict"]
+        plain = isinstance(obj, Mapping) and all(isinstance(v, torch.Tensor) for v in obj.values())
+        if not plain:
+            raise CheckpointError(
+                f"{str(p)!r} loads, but is not a state dict of tensors (got {type(obj).__name__})",
+                fix="save it with torch.save(model.state_dict(), path) or as safetensors",
+            )
+        return dict(obj)
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(p), device=device)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{str(p)!r} is not a readable safetensors file ({e})",
+            fix="the file is corrupted or truncated: re-create it (slimkit writes atomically, so "
+            "this usually means it was copied partially or is another format)",
+        ) from None
+
+
+def read_metadata(path: PathLike) -> dict[str, str]:
+    """The string metadata stored in a safetensors header."""
+    from safetensors import SafetensorError, safe_open
+
+    p = _require_file(path, "weights file")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{str(p)!r} is not a readable safetensors file ({e})",
+            fix="re-create the file; it is corrupted or not safetensors",
+        ) from None
+
+
+def safe_torch_load(path: PathLike, device: str = "cpu") -> Any:
+    """``torch.load(weights_only=True)`` with errors that say what went wrong and what to do."""
+    import pickle
+
+    p = _require_file(path, "checkpoint")
+    try:
+        return torch.load(p, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        if "GLOBAL" in text:  # the file names a class or function to run: refuse it
+            culprit = next(ln for ln in text.splitlines() if "GLOBAL" in ln).strip()
+            raise CheckpointError(
+                f"{str(p)!r} is a pickle that holds more than plain weights, and slimkit does not "
+                f"execute pickled code ({culprit})",
+                fix="if you trust the file, load it yourself and re-save it with "
+                "torch.save(model.state_dict(), path) or slimkit.core.io.save_weights",
+            ) from None
+        raise CheckpointError(
+            f"{str(p)!r} is not a readable PyTorch checkpoint (the pickle stream is invalid)",
+            fix="the file is corrupted, truncated or another format: re-create it",
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{str(p)!r} is not a readable PyTorch checkpoint ({str(e).splitlines()[0]})",
+            fix="the file is corrupted or truncated: re-create it",
+        ) from None
+
+
+def load_into(
+    model: torch.nn.Module, state: Mapping[str, torch.Tensor], *, strict: bool = True
+) -> None:
+    """``load_state_dict`` with an error listing missing / unexpected / mis-shaped keys."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    if shapes or (strict and (missing or unexpected)):
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+        if shapes:
+            parts.append(f"shape mismatch {shapes[:5]}")
+        raise CheckpointError(
+            "weights do not fit the model: " + "; ".join(parts),
+            fix="load them into the architecture they were saved from (for a compressed model use "
+            "slimkit.load(artifact_dir, model=original), which replays its structural changes)",
+        )
+    model.load_state_dict(dict(state), strict=strict)

@@ -1,0 +1,100 @@
+"""Name -> object registries with wildcard listing (methods, zoo models, tasks, hardware presets).
+
+A registry answers an unknown name with the closest registered ones, so typos are cheap::
+
+    MODELS = Registry("zoo model")
+
+    @MODELS.register("mlp", kind="tiny")
+    def mlp(...): ...
+
+    MODELS.get("mpl")   # RegistryError: unknown zoo model 'mpl'. Fix: did you mean 'mlp'? ...
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from slimkit.errors import RegistryError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Entry(Generic[T]):
+    """A registered object and its free-form metadata (``config=PTQConfig``, ``kind="tiny"``)."""
+
+    name: str
+    obj: T
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def did_you_mean(word: str, choices: list[str], n: int = 3) -> str:
+    """``"did you mean 'a' or 'b'?"`` for the closest choices, or ``""`` when none is close."""
+    close = difflib.get_close_matches(word, choices, n=n, cutoff=0.6)
+    if not close:
+        return ""
+    return "did you mean " + " or ".join(repr(c) for c in close) + "?"
+
+
+class Registry(Generic[T]):
+    """An ordered mapping of dotted names to objects, with metadata and wildcard listing."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self._entries: dict[str, Entry[T]] = {}
+
+    def register(self, name: str, **meta: Any) -> Callable[[T], T]:
+        """Decorator: ``@registry.register("prune.channel", config=ChannelConfig)``."""
+
+        def deco(obj: T) -> T:
+            self.add(name, obj, **meta)
+            return obj
+
+        return deco
+
+    def add(self, name: str, obj: T, **meta: Any) -> None:
+        if name in self._entries:
+            raise RegistryError(
+                f"{self.what} {name!r} is registered twice",
+                fix="give the second one another name",
+            )
+        self._entries[name] = Entry(name, obj, dict(meta))
+
+    def entry(self, name: str) -> Entry[T]:
+        try:
+            return self._entries[name]
+        except KeyError:
+            hint = did_you_mean(name, list(self._entries))
+            known = ", ".join(self._entries) or "(none)"
+            raise RegistryError(
+                f"unknown {self.what} {name!r}",
+                fix=f"{hint + ' ' if hint else ''}registered names are: {known}",
+            ) from None
+
+    def get(self, name: str) -> T:
+        return self.entry(name).obj
+
+    def names(self, pattern: str = "*") -> list[str]:
+        """Names matching a shell-style wildcard (``"prune.*"``), in registration order."""
+        return [n for n in self._entries if fnmatch.fnmatchcase(n, pattern)]
+
+    def entries(self, pattern: str = "*") -> list[Entry[T]]:
+        return [self._entries[n] for n in self.names(pattern)]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+# The compression methods (quant.*, prune.*, graph_opt.*, ...). Each technique folder registers into
+# it at import; ``slimkit.core.methods.load_all()`` imports them so listing sees every method.
+METHODS: Registry[Any] = Registry("method")

@@ -1,0 +1,228 @@
+"""Export to ONNX with a dynamic batch, and prove the file computes what the PyTorch model does.
+
+``export_onnx`` writes the file atomically, loads it in ONNX Runtime, runs it at a batch size other
+than the one it was traced with, and reports the max abs error against PyTorch; above tolerance it
+raises, so a silently wrong export never reaches a user::
+
+    rep = export_onnx(model, "m.onnx", example_inputs=(x,))
+    rep.max_abs_err   # e.g. 2.4e-07
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from slimkit.core.io import atomic_path
+from slimkit.errors import ExportError
+from slimkit.export.ort import ort_session, run_session, to_numpy
+
+DEFAULT_OPSET = 17
+
+
+@dataclass
+class ExportReport:
+    """What was written and how closely ONNX Runtime reproduces PyTorch."""
+
+    path: str
+    opset: int
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_batch: bool
+    size_bytes: int
+    max_abs_err: float | None = None  # ORT vs PyTorch on the parity batch, all outputs
+    parity_batch: int | None = None
+    exporter: str = "torchscript"
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _flatten(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in _flatten(v)]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in _flatten(v)]
+    return []
+
+
+def _default_names(stem: str, n: int) -> list[str]:
+    return [stem] if n == 1 else [f"{stem}_{i}" for i in range(n)]
+
+
+def parity_inputs(example_inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """The example batch plus its first sample again: same content, a batch size never traced."""
+    return tuple(torch.cat([x, x[:1]], dim=0) if x.dim() > 0 else x for x in example_inputs)
+
+
+def max_abs_error(ref: Sequence[Any], out: Sequence[Any]) -> float:
+    """Largest absolute difference over a list of outputs (shapes must agree)."""
+    worst = 0.0
+    for i, (r, o) in enumerate(zip(ref, out, strict=True)):
+        r_np, o_np = to_numpy(r), to_numpy(o)
+        if r_np.shape != o_np.shape:
+            raise ExportError(
+                f"output {i}: ONNX shape {o_np.shape} differs from PyTorch {r_np.shape}",
+                fix="the batch or sequence dimension was probably baked in as a constant; avoid "
+                "Python ints from tensor.shape in arithmetic, or export with dynamic_batch=False",
+            )
+        if r_np.size:
+            worst = max(worst, float(np.max(np.abs(r_np.astype(np.float64) - o_np))))
+    return worst
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor,
+    dynamic_batch: bool = True,
+    opset: int = DEFAULT_OPSET,
+    check: bool = True,
+    atol: float = 1e-4,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    exporter: Literal["torchscript", "dynamo"] = "torchscript",
+) -> ExportReport:
+    """Export ``model`` (in eval mode) to ``path``; with ``check`` verify it in ONNX Runtime.
+
+    ``exporter="torchscript"`` (default) is torch's tracing exporter: fast and stable for the
+    layers slimkit produces. ``"dynamo"`` uses ``torch.export`` and onnxscript.
+    Raises ``ExportError`` when export fails or ORT differs from PyTorch by more than ``atol``.
+    """
+    inputs = (
+        (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    )
+    if not inputs or not all(isinstance(x, torch.Tensor) for x in inputs):
+        raise ExportError(
+            "example_inputs must be a tensor or a tuple of tensors",
+            fix="pass example_inputs=(torch.randn(1, 3, 224, 224),) with the model's input shape",
+        )
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            ref = _flatten(model(*inputs))
+        in_names = list(input_names or _default_names("input", len(inputs)))
+        out_names = list(output_names or _default_names("output", len(ref)))
+        dest = Path(path)
+        rep = ExportReport(
+            path=str(dest),
+            opset=max(opset, 18) if exporter == "dynamo" else opset,
+            input_names=in_names,
+            output_names=out_names,
+            dynamic_batch=dynamic_batch,
+            size_bytes=0,
+            exporter=exporter,
+        )
+        # the file appears at `path` only once exported and (with check) verified in ORT
+        with atomic_path(dest) as tmp:
+            _run_exporter(model, inputs, tmp, exporter, opset, in_names, out_names, dynamic_batch)
+            rep.size_bytes = tmp.stat().st_size
+            if check:
+                check_parity(model, tmp, inputs, dynamic_batch=dynamic_batch, atol=atol, report=rep)
+        return rep
+    finally:
+        model.train(was_training)
+
+
+def _run_exporter(
+    model: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    dest: Path,
+    exporter: str,
+    opset: int,
+    in_names: list[str],
+    out_names: list[str],
+    dynamic_batch: bool,
+) -> None:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if exporter == "dynamo":
+                dims = None
+                if dynamic_batch:
+                    batch = torch.export.Dim("batch", min=1)
+                    dims = tuple({0: batch} if x.dim() > 0 else None for x in inputs)
+                prog = torch.onnx.export(
+                    model, inputs, dynamo=True, opset_version=max(opset, 18),
+                    input_names=in_names, output_names=out_names, dynamic_shapes=dims,
+                    verbose=False,
+                )  # fmt: skip
+                if prog is None:  # pragma: no cover
+                    raise RuntimeError("torch.onnx.export returned no program")
+                prog.save(str(dest))
+            elif exporter == "torchscript":
+                axes = {n: {0: "batch"} for n in in_names + out_names} if dynamic_batch else None
+                torch.onnx.export(
+                    model, inputs, str(dest), dynamo=False, opset_version=opset,
+                    input_names=in_names, output_names=out_names, dynamic_axes=axes,
+                    do_constant_folding=True,
+                )  # fmt: skip
+            else:
+                raise ExportError(
+                    f"unknown exporter {exporter!r}", fix="use 'torchscript' or 'dynamo'"
+                )
+    except ExportError:
+        raise
+    except Exception as e:
+        raise ExportError(
+            f"torch.onnx ({exporter}) could not export {type(model).__name__}: "
+            f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}",
+            fix="check that the model runs on example_inputs; try exporter='dynamo' (or "
+            "'torchscript'), or replace the unsupported op",
+        ) from None
+
+
+def check_parity(
+    model: nn.Module,
+    onnx_path: str | Path,
+    example_inputs: Sequence[torch.Tensor],
+    *,
+    dynamic_batch: bool = True,
+    atol: float = 1e-4,
+    report: ExportReport | None = None,
+) -> float:
+    """Max abs error of ORT vs PyTorch on a batch size the export never saw; raises above atol."""
+    inputs = parity_inputs(example_inputs) if dynamic_batch else tuple(example_inputs)
+    with torch.no_grad():
+        ref = _flatten(model(*inputs))
+    sess = ort_session(onnx_path)
+    try:
+        out = run_session(sess, inputs)
+    except ExportError:
+        raise
+    except Exception as e:  # onnxruntime's Fail / RuntimeException
+        raise ExportError(
+            f"ONNX Runtime failed to run the exported model at batch {inputs[0].shape[0]}: "
+            f"{str(e).splitlines()[0][:300]}",
+            fix="a shape was probably baked in at export (e.g. int(x.shape[0]) in forward); keep "
+            "shapes symbolic, or export with dynamic_batch=False",
+        ) from None
+    if len(out) != len(ref):
+        raise ExportError(
+            f"the ONNX model has {len(out)} outputs, PyTorch returned {len(ref)}",
+            fix="return tensors (or a tuple of tensors) from forward",
+        )
+    err = max_abs_error(ref, out)
+    if report is not None:
+        report.max_abs_err = err
+        report.parity_batch = int(inputs[0].shape[0]) if inputs[0].dim() else None
+    if not err <= atol:  # also catches NaN
+        raise ExportError(
+            f"ONNX Runtime output differs from PyTorch by {err:.3g} (tolerance {atol:g}) on "
+            f"{onnx_path}",
+            fix="look for ops that behave differently when traced (in-place updates, Python "
+            "scalars from tensors, training-mode layers); export in eval mode",
+        )
+    return err
