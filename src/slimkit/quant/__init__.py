@@ -1,0 +1,1 @@
+"""Quantization: primitives (fake-quant, ranges) and, per file, the methods built on them."""
