@@ -19,8 +19,8 @@ __version__ = "0.1.0"
 # public name -> "module:attribute" (or "module" for a subpackage), imported on first use
 _LAZY = {
     "export_onnx": "slimkit.export.onnx:export_onnx",
+    "fold_bn": "slimkit.graph_opt.bn_fold:fold_bn",
     "measure_latency": "slimkit.analyze.latency:measure_latency",
-    "save": "slimkit.core.io:save_weights",
     "Scope": "slimkit.core.scope:Scope",
     "zoo": "slimkit.zoo",
     "errors": "slimkit.errors",
@@ -29,9 +29,9 @@ _LAZY = {
 if TYPE_CHECKING:  # pragma: no cover
     from slimkit import errors, zoo
     from slimkit.analyze.latency import measure_latency
-    from slimkit.core.io import save_weights as save
     from slimkit.core.scope import Scope
     from slimkit.export.onnx import export_onnx
+    from slimkit.graph_opt.bn_fold import fold_bn
 
 
 def __getattr__(name: str) -> Any:
@@ -54,7 +54,7 @@ __all__ = [
     "Scope",
     "errors",
     "export_onnx",
+    "fold_bn",
     "measure_latency",
-    "save",
     "zoo",
 ]
