@@ -1,0 +1,194 @@
+"""Post-training int8 quantization: slimkit against ONNX Runtime's quantizer and NNCF, same run.
+
+For each reference model (random weights, SQNR vs the float model on held-out random inputs):
+ORT fp32 as the baseline; ORT ``quantize_static`` (QDQ, uint8 activations, int8 weights) over
+per-tensor / per-channel x MinMax / Percentile x reduce_range off / on, reporting the best-SQNR
+and the fastest of those; NNCF (ONNX backend) when installed; and slimkit's default PTQ.
+Latency: ORT, 2 threads, batch 1, interleaved rounds. The CPU's features are recorded (VNNI or
+not), since int8 speed and correctness depend on them.
+
+    python benchmarks/bench_ptq.py --quick     # about a minute: 32x32 CNNs + encoder, fewer runs
+    python benchmarks/bench_ptq.py             # ResNet-18, MobileNetV2 at 224 and the encoder
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _common import parser, print_table, start, write_result  # noqa: E402
+from slimkit.analyze.latency import measure_latency, ort_runner  # noqa: E402
+from slimkit.core.machine import cpu_info  # noqa: E402
+from slimkit.export.onnx import export_onnx  # noqa: E402
+from slimkit.export.ort import ort_session, run_session  # noqa: E402
+from slimkit.export.qdq import export_quantized  # noqa: E402
+from slimkit.quant.ptq import PTQ, quantize  # noqa: E402
+from slimkit.testing.numerics import sqnr  # noqa: E402
+from slimkit.zoo import create_model, example_inputs  # noqa: E402
+
+FULL = ["resnet18", "mobilenetv2", "bert_encoder"]
+QUICK = ["resnet18_cifar", "mobilenetv2_cifar", "bert_encoder"]
+N_CALIB, N_TEST = 32, 8
+
+
+def ort_static(fp32: Path, out: Path, calib: list[np.ndarray], name: str, **kw: Any) -> float:
+    """ORT quantize_static with the given options; returns the tool time in seconds."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )  # fmt: skip
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter([{name: x} for x in calib])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.it, None)
+
+    method = CalibrationMethod.Percentile if kw.pop("percentile") else CalibrationMethod.MinMax
+    extra = {"CalibPercentile": 99.999} if method == CalibrationMethod.Percentile else {}
+    t0 = time.perf_counter()
+    quantize_static(
+        str(fp32), str(out), Reader(), quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+        calibrate_method=method, extra_options=extra, **kw,
+    )  # fmt: skip
+    return time.perf_counter() - t0
+
+
+def nncf_quantize(fp32: Path, out: Path, calib: list[np.ndarray], name: str) -> float | None:
+    try:
+        import nncf
+        import onnx
+    except ImportError:
+        return None
+    t0 = time.perf_counter()
+    model = onnx.load(str(fp32))
+    q = nncf.quantize(model, nncf.Dataset([{name: x} for x in calib]), subset_size=len(calib))
+    onnx.save(q, str(out))
+    return time.perf_counter() - t0
+
+
+def bench_model(name: str, quick: bool, tmp: Path) -> list[dict[str, Any]]:
+    model = create_model(name)
+    calib_t = [example_inputs(name, batch=1, seed=i)[0] for i in range(N_CALIB)]
+    test_t = torch.cat([example_inputs(name, batch=1, seed=1000 + i)[0] for i in range(N_TEST)])
+    with torch.no_grad():
+        ref = model(test_t)
+    fp32 = tmp / f"{name}_fp32.onnx"
+    export_onnx(model, fp32, example_inputs=(calib_t[0],), input_names=["input"])
+    calib = [x.numpy() for x in calib_t]
+    variants: dict[str, dict[str, Any]] = {"fp32": {"tool": "onnxruntime", "path": fp32}}
+
+    configs = [
+        (pc, pct, rr) for pc in (False, True) for pct in (False, True) for rr in (False, True)
+    ]
+    if quick:
+        configs = [(True, False, False), (False, True, False), (True, True, True)]
+    for pc, pct, rr in configs:
+        gran = "per-channel" if pc else "per-tensor"
+        calib_name = "percentile" if pct else "minmax"
+        label = f"static {gran}, {calib_name}{', reduce_range' if rr else ''}"
+        path = tmp / f"{name}_ort_{int(pc)}{int(pct)}{int(rr)}.onnx"
+        secs = ort_static(fp32, path, calib, "input", per_channel=pc, reduce_range=rr,
+                          percentile=pct)  # fmt: skip
+        variants[label] = {"tool": "onnxruntime", "path": path, "tool_s": secs}
+    nncf_path = tmp / f"{name}_nncf.onnx"
+    secs_nncf = nncf_quantize(fp32, nncf_path, calib, "input")
+    if secs_nncf is not None:
+        variants["nncf int8 (default)"] = {"tool": "nncf", "path": nncf_path, "tool_s": secs_nncf}
+
+    t0 = time.perf_counter()
+    q = quantize(model, PTQ(), data=calib_t)
+    secs = time.perf_counter() - t0
+    sk_path = tmp / f"{name}_slimkit.onnx"
+    export_quantized(q, sk_path, example_inputs=(calib_t[0],))
+    label = f"int8 static, {q.meta['slimkit']['config']['calibration']}, "
+    label += f"{q.meta['slimkit']['weight_bits']}-bit weights"
+    variants[label] = {"tool": "slimkit", "path": sk_path, "tool_s": secs}
+    with torch.no_grad():
+        sim_db = sqnr(ref, q(test_t))
+
+    runners, x1 = {}, test_t[:1].numpy()
+    for label, v in variants.items():
+        sess = ort_session(v["path"])
+        (out,) = run_session(sess, [test_t])
+        v["sqnr_db"] = sqnr(ref, out)
+        runners[label] = ort_runner(sess, [x1])
+    runs = 20 if quick else 50
+    stats = measure_latency(runners, runs=runs, warmup=5, rounds=3)
+    rows = []
+    for label, v in variants.items():
+        s = stats[label]
+        row = {
+            "model": name, "tool": v["tool"], "method": label, "batch": 1,
+            "latency_ms": round(s.median_ms, 3),
+            "latency_spread_ms": [round(t, 3) for t in s.spread_ms],
+            "sqnr_db": round(v["sqnr_db"], 2) if label != "fp32" else None,
+            "size_mb": round(Path(v["path"]).stat().st_size / 1e6, 3),
+        }  # fmt: skip
+        if "tool_s" in v:
+            row["tool_s"] = round(v["tool_s"], 2)
+        if v["tool"] == "slimkit":
+            row["sim_sqnr_db"] = round(sim_db, 2)
+        rows.append(row)
+    return rows
+
+
+def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per model: slimkit vs the best-SQNR peer and vs the fastest peer (ratios and dB deltas)."""
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        rs = [r for r in rows if r["model"] == model]
+        sk = next(r for r in rs if r["tool"] == "slimkit")
+        peers = [r for r in rs if r["tool"] != "slimkit" and r["sqnr_db"] is not None]
+        best = max(peers, key=lambda r: r["sqnr_db"])
+        fastest = min(peers, key=lambda r: r["latency_ms"])
+        fp32 = next(r for r in rs if r["method"] == "fp32")
+        ort_tools = [r["tool_s"] for r in peers if r["tool"] == "onnxruntime"]
+        out.append({
+            "model": model,
+            "sqnr_gain_db": round(sk["sqnr_db"] - best["sqnr_db"], 2),
+            "best_peer": f"{best['tool']}: {best['method']}",
+            "latency_vs_fastest": round(sk["latency_ms"] / fastest["latency_ms"], 3),
+            "fastest_peer": f"{fastest['tool']}: {fastest['method']}",
+            "speedup_vs_fp32": round(fp32["latency_ms"] / sk["latency_ms"], 3),
+            "tool_time_vs_ort": round(sk["tool_s"] / float(np.median(ort_tools)), 3),
+        })  # fmt: skip
+    return out
+
+
+def main() -> None:
+    args = parser("ptq", __doc__).parse_args()
+    t0 = start()
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in QUICK if args.quick else FULL:
+            rows += bench_model(name, args.quick, Path(tmp))
+            print(f"done {name}", flush=True)
+    summary = summarise(rows)
+    settings = {"calibration_samples": N_CALIB, "test_samples": N_TEST, "threads": 2,
+                "vnni": cpu_info()["vnni"]}  # fmt: skip
+    path = write_result("ptq", args, rows, settings, t0, summary=summary)
+    print_table("int8 PTQ on ONNX Runtime, batch 1 (SQNR vs float, random weights)",
+                [("model", "model"), ("method", "method"), ("tool", "tool"), ("ms", "latency_ms"),
+                 ("SQNR dB", "sqnr_db"), ("tool s", "tool_s")], rows)  # fmt: skip
+    print_table("slimkit vs peers", [("model", "model"), ("SQNR gain dB", "sqnr_gain_db"),
+                ("latency / fastest", "latency_vs_fastest"), ("x fp32", "speedup_vs_fp32"),
+                ("tool time / ORT", "tool_time_vs_ort")], summary)  # fmt: skip
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
