@@ -1,8 +1,11 @@
 """Quantization: primitives (fake-quant, ranges), calibration, and one file per method.
 
-``from slimkit.quant import PTQ`` gives the config of static post-training int8 quantization.
+``from slimkit.quant import PTQ, Dynamic, WeightOnly, Half`` gives the method configs.
 """
 
+from slimkit.quant.dynamic import Dynamic
+from slimkit.quant.half import Half
 from slimkit.quant.ptq import PTQ
+from slimkit.quant.weight_only import WeightOnly
 
-__all__ = ["PTQ"]
+__all__ = ["PTQ", "Dynamic", "Half", "WeightOnly"]

@@ -92,7 +92,7 @@ def quantize_ptq(
     out.meta["slimkit"] = {
         "method": "quant.ptq",
         "config": cfg.to_dict(),
-        "weight_bits": _bits_summary(out),
+        "weight_bits": bits,
         "activation_quantizers": len(quants),
         "quantized_layers": len(plan.weighted),
         "float_layers": plan.skipped,
@@ -101,37 +101,62 @@ def quantize_ptq(
     return out
 
 
+ALIASES = {
+    "int8": "static", "ptq": "static", "quant.ptq": "static", "static": "static",
+    "dynamic": "dynamic", "quant.dynamic": "dynamic",
+    "weight-only": "weight_only", "weight_only": "weight_only", "quant.weight_only": "weight_only",
+    "fp16": "fp16", "bf16": "bf16",
+}  # fmt: skip
+
+
 def quantize(
     model: nn.Module,
-    config: str | PTQ = "int8",
+    config: str | Config = "int8",
     *,
-    data: Any,
+    data: Any = None,
     example_inputs: tuple[torch.Tensor, ...] | None = None,
     scope: Scope | None = None,
     progress: bool = False,
-) -> fx.GraphModule:
-    """``sk.quantize(model, "int8", data=calib)``: the quantization verb."""
-    if isinstance(config, str):
-        from slimkit.errors import ConfigError
+) -> nn.Module:
+    """The quantization verb: ``sk.quantize(model, "int8", data=calib)``.
 
-        if config not in ("int8", "ptq", "quant.ptq"):
+    ``config`` is a name (``int8`` static PTQ, ``dynamic``, ``weight-only``, ``fp16``, ``bf16``)
+    or a config object (``PTQ``, ``Dynamic``, ``WeightOnly``, ``Half``). Static PTQ needs ``data``
+    (calibration batches); dynamic on ONNX Runtime needs ``example_inputs``.
+    """
+    from slimkit.errors import ConfigError
+    from slimkit.quant.dynamic import Dynamic, quantize_dynamic
+    from slimkit.quant.half import Half, to_half
+    from slimkit.quant.weight_only import WeightOnly, quantize_weight_only
+
+    if isinstance(config, str):
+        kind = ALIASES.get(config)
+        if kind is None:
+            from slimkit.core.registry import did_you_mean
+
+            hint = did_you_mean(config, list(ALIASES))
             raise ConfigError(
                 f"unknown quantization {config!r}",
-                fix="use 'int8' (static PTQ) or pass a config object such as PTQ(...)",
+                fix=f"{hint + ' ' if hint else ''}use one of {', '.join(ALIASES)} or a config "
+                "object such as PTQ(...)",
             )
-        config = PTQ()
-    return quantize_ptq(model, config, data=data, example_inputs=example_inputs, scope=scope,
-                        progress=progress)  # fmt: skip
-
-
-def _bits_summary(model: nn.Module) -> str:
-    """``"8"``, ``"7"`` or e.g. ``"8/7 (50/3 layers)"`` for a mix."""
-    from collections import Counter
-
-    from slimkit.quant.modules import QuantLayer
-
-    c = Counter(m.weight_bits for m in model.modules() if isinstance(m, QuantLayer))
-    if len(c) <= 1:
-        return str(next(iter(c), "-"))
-    bits = sorted(c, reverse=True)
-    return "/".join(map(str, bits)) + f" ({'/'.join(str(c[b]) for b in bits)} layers)"
+        config = {"static": PTQ(), "dynamic": Dynamic(), "weight_only": WeightOnly(),
+                  "fp16": Half(dtype="fp16"), "bf16": Half(dtype="bf16")}[kind]  # fmt: skip
+    if isinstance(config, PTQ):
+        if data is None:
+            raise ConfigError(
+                "static int8 quantization needs calibration data",
+                fix="pass data=... (an iterable of input batches, ~32 samples), or use 'dynamic'",
+            )
+        return quantize_ptq(model, config, data=data, example_inputs=example_inputs, scope=scope,
+                            progress=progress)  # fmt: skip
+    if isinstance(config, Dynamic):
+        return quantize_dynamic(model, config, example_inputs=example_inputs)
+    if isinstance(config, WeightOnly):
+        return quantize_weight_only(model, config, scope=scope)
+    if isinstance(config, Half):
+        return to_half(model, config)
+    raise ConfigError(
+        f"{type(config).__name__} is not a quantization config",
+        fix="use PTQ, Dynamic, WeightOnly or Half from slimkit.quant",
+    )
