@@ -43,6 +43,9 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path: Path) -> None:
         raise RuntimeError("interrupted")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]  # no temp file left behind
+    with atomic_write(target) as f:
+        f.write("new")
+    assert target.read_text() == "new" and target.stat().st_mode & 0o044  # readable by others
 
 
 def test_missing_corrupted_and_wrong_shape(tmp_path: Path) -> None:

@@ -110,3 +110,38 @@ def measure_latency(
         )
         for name, meds in samples.items()
     }
+
+
+def eager_vs_ort(
+    model: torch.nn.Module,
+    inputs: Sequence[torch.Tensor],
+    *,
+    onnx_path: str | None = None,
+    runs: int = 50,
+    warmup: int = 10,
+    rounds: int = 3,
+    max_seconds: float | None = None,
+    on_round: Callable[[int, str], None] | None = None,
+) -> dict[str, LatencyStats]:
+    """Latency of PyTorch eager and ONNX Runtime (fp32, protocol threading), interleaved.
+
+    The model is exported to ``onnx_path`` (a temporary file when omitted) with a parity check.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from slimkit.export.onnx import export_onnx
+    from slimkit.export.ort import ort_session
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = onnx_path or str(Path(tmp) / "model.onnx")
+        export_onnx(model, path, example_inputs=tuple(inputs))
+        session = ort_session(path)
+        runners = {
+            "pytorch eager": torch_runner(model, inputs),
+            "onnxruntime": ort_runner(session, inputs),
+        }
+        return measure_latency(
+            runners,
+            runs=runs, warmup=warmup, rounds=rounds, max_seconds=max_seconds, on_round=on_round,
+        )  # fmt: skip

@@ -84,3 +84,16 @@ def feeds(session: Any, inputs: Sequence[Any]) -> dict[str, np.ndarray]:
 def run_session(session: Any, inputs: Sequence[Any]) -> list[np.ndarray]:
     """Run ``session`` on tensors/arrays and return its outputs as numpy arrays."""
     return list(session.run(None, feeds(session, inputs)))
+
+
+class OrtModule(torch.nn.Module):
+    """An ONNX Runtime session behind the ``nn.Module`` call interface, so code that evaluates a
+    PyTorch model (``slimkit.zoo.evaluate``, metrics) measures the deployed file unchanged."""
+
+    def __init__(self, session: Any) -> None:
+        super().__init__()
+        self.session = session
+
+    def forward(self, *inputs: torch.Tensor) -> Any:
+        outs = [torch.from_numpy(o) for o in run_session(self.session, inputs)]
+        return outs[0] if len(outs) == 1 else tuple(outs)
