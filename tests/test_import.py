@@ -35,3 +35,16 @@ def test_lazy_public_names() -> None:
     assert slimkit.Scope.__name__ == "Scope"
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         _ = slimkit.nope  # type: ignore[attr-defined]
+
+
+def test_verb_packages_stay_callable_after_their_submodules_load() -> None:
+    import slimkit.analyze.latency  # noqa: F401 - binds the package to slimkit.analyze
+    import slimkit.prune.depgraph  # noqa: F401
+    from slimkit.zoo import create_model, example_inputs
+
+    model = create_model("cnn_bn")
+    x = example_inputs("cnn_bn", batch=2)
+    small = slimkit.prune(model, slimkit.prune.Channel(ratio=0.5), example_inputs=x)
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+    assert type(slimkit.analyze(model, x, hw="xeon_8380")).__name__ == "AnalysisReport"
+    assert slimkit.quant.PTQ().calibration == "mse"

@@ -18,10 +18,11 @@ __version__ = "0.1.0"
 
 # public name -> "module:attribute" (or "module" for a subpackage), imported on first use
 _LAZY = {
-    "analyze": "slimkit.analyze.api:analyze",
+    "analyze": "slimkit.analyze",  # callable package: sk.analyze(model, x)
     "export_onnx": "slimkit.export.onnx:export_onnx",
     "fold_bn": "slimkit.graph_opt.bn_fold:fold_bn",
     "quantize": "slimkit.quant.ptq:quantize",
+    "prune": "slimkit.prune",  # callable package: sk.prune(model, sk.prune.Channel(...))
     "quant": "slimkit.quant",
     "measure_latency": "slimkit.analyze.latency:measure_latency",
     "Scope": "slimkit.core.scope:Scope",
@@ -30,20 +31,12 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from slimkit import errors, quant, zoo
-    from slimkit.analyze.api import analyze
+    from slimkit import analyze, errors, prune, quant, zoo
     from slimkit.analyze.latency import measure_latency
     from slimkit.core.scope import Scope
     from slimkit.export.onnx import export_onnx
     from slimkit.graph_opt.bn_fold import fold_bn
     from slimkit.quant.ptq import quantize
-
-
-# `analyze` is both a verb and a subpackage: importing one of the package's modules would bind
-# `slimkit.analyze` to the package. Import the (empty) package now, then drop the name so that
-# __getattr__ serves the verb.
-importlib.import_module("slimkit.analyze")
-globals().pop("analyze", None)
 
 
 def __getattr__(name: str) -> Any:
@@ -70,6 +63,7 @@ __all__ = [
     "fold_bn",
     "quant",
     "quantize",
+    "prune",
     "measure_latency",
     "zoo",
 ]

@@ -96,5 +96,16 @@ class Registry(Generic[T]):
 
 
 # The compression methods (quant.*, prune.*, graph_opt.*, ...). Each technique folder registers into
-# it at import; ``slimkit.core.methods.load_all()`` imports them so listing sees every method.
+# it at import; ``load_methods()`` imports them all so that listing sees every method.
 METHODS: Registry[Any] = Registry("method")
+
+TECHNIQUES = ("slimkit.quant", "slimkit.prune")
+
+
+def load_methods() -> Registry[Any]:
+    """Import every technique package (registering its methods) and return ``METHODS``."""
+    import importlib
+
+    for mod in TECHNIQUES:
+        importlib.import_module(mod)
+    return METHODS

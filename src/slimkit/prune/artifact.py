@@ -1,0 +1,87 @@
+"""Save a pruned model as plain files and reload it into a fresh copy of the original architecture.
+
+The directory holds ``model.safetensors`` (the pruned weights) and ``pruning.json`` (for every
+tensor that lost channels, the positions kept along each dimension). ``load_pruned`` replays those
+slices on the original model and then loads the weights; no pickle is involved::
+
+    save_pruned(small, "out/")
+    small = load_pruned("out/", model=create_original())
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from slimkit.core.io import PathLike, load_into, load_weights, save_weights, write_json
+from slimkit.errors import CheckpointError
+from slimkit.prune.channel import Slices, apply_slices, pruning_record, set_record
+
+FORMAT = 1
+
+
+def save_pruned(model: nn.Module, directory: PathLike) -> Path:
+    """Write ``model.safetensors`` and ``pruning.json`` into ``directory`` (atomically, each)."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    record = pruning_record(model) or {"method": "none", "slices": {}}
+    save_weights(baked_state_dict(model), out / "model.safetensors", metadata={"slimkit": "pruned"})
+    write_json(out / "pruning.json", {"format": FORMAT, **record})
+    return out
+
+
+def baked_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with unstructured masks applied: plain ``weight`` keys, no masks."""
+    sd = {k: v for k, v in model.state_dict().items() if ".parametrizations." not in k}
+    for name, m in model.named_modules():
+        if parametrize.is_parametrized(m, "weight"):
+            sd[f"{name}.weight" if name else "weight"] = m.weight.detach()
+    return sd
+
+
+def _read_record(directory: Path) -> dict[str, object]:
+    path = directory / "pruning.json"
+    if not path.is_file():
+        raise CheckpointError(
+            f"{str(path)!r} does not exist",
+            fix="point load_pruned at a directory written by save_pruned",
+        )
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(
+            f"{str(path)!r} is not valid JSON ({e})", fix="re-create it"
+        ) from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{str(path)!r} is not a slimkit pruning record of format {FORMAT}",
+            fix="re-save the model with this version of slimkit",
+        )
+    return record
+
+
+def load_pruned(directory: PathLike, *, model: nn.Module) -> nn.Module:
+    """Replay the recorded slicing on a copy of ``model`` (the original, unpruned architecture) and
+    load the pruned weights; ``model`` itself is not modified."""
+    d = Path(directory)
+    record = _read_record(d)
+    raw = record.get("slices", {})
+    assert isinstance(raw, dict)
+    slices: Slices = {k: {int(dim): list(v) for dim, v in dims.items()} for k, dims in raw.items()}
+    out = copy.deepcopy(model)
+    try:
+        apply_slices(out, slices)
+    except (AttributeError, IndexError, RuntimeError) as e:
+        raise CheckpointError(
+            f"the pruning record in {str(d)!r} does not fit {type(model).__name__} ({e})",
+            fix="pass model= a fresh instance of the architecture that was pruned",
+        ) from None
+    load_into(out, load_weights(d / "model.safetensors"))
+    rec = {k: v for k, v in record.items() if k != "format"}
+    set_record(out, rec)
+    return out

@@ -1,0 +1,271 @@
+"""Structured channel pruning: remove whole channel groups and return a smaller ordinary module.
+
+Each group of the dependency graph (``prune/depgraph.py``) is ranked by an importance criterion
+(``prune/importance.py``); the lowest units are removed from every coupled parameter at once: conv
+filters and the input columns that read them, BatchNorm entries, residual partners, concatenated
+slices, flattened Linear columns, attention heads (q/k/v rows and ``out_proj`` columns). The result
+is a plain ``nn.Module`` with physically smaller tensors that runs, exports to ONNX and reloads with
+``load_pruned`` (the kept indices are recorded). Paper trail: Li et al., "Pruning Filters for
+Efficient ConvNets", ICLR 2017; Fang et al., "DepGraph: Towards Any Structural Pruning", CVPR 2023.
+
+    small = prune_channels(model, Channel(ratio=0.5, round_to=8), example_inputs=(x,))
+
+YAML step: ``- prune.channel: {ratio: 0.5, criterion: l1, round_to: 8}``. Supports Conv1d/2d/3d
+(plain and depthwise), Linear, Embedding, BatchNorm, LayerNorm, GroupNorm (1 or C groups), residual
+adds, concatenation, flatten, pooling and activations, and attention modules with
+q_proj/k_proj/v_proj/out_proj and a ``head_dim`` attribute. The model's input channels and output
+width are never pruned; a layer slimkit cannot follow is refused by name, never guessed.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from slimkit.core.config import Config
+from slimkit.core.registry import METHODS
+from slimkit.core.scope import Scope
+from slimkit.errors import UnsupportedError
+from slimkit.prune.depgraph import DepGraph, Group, build_depgraph
+from slimkit.prune.importance import Criterion, LossFn, group_importance, taylor_saliency
+
+_OUTPUT = "reaches the model output"
+Slices = dict[str, dict[int, list[int]]]  # param name -> dim -> kept positions
+
+
+class Channel(Config):
+    """Remove a fraction of the units (channels, heads) of every prunable group."""
+
+    ratio: float = Field(0.5, ge=0.0, lt=1.0)  # fraction of units removed (per group, or overall)
+    criterion: Criterion = "l1"  # l1, l2, bn, taylor (needs data), fpgm, random
+    global_ranking: bool = False  # rank units across all groups instead of within each
+    round_to: int = Field(1, ge=1)  # kept channels rounded up to a multiple (8 suits SIMD)
+    min_channels: int = Field(1, ge=1)  # never keep fewer channels than this in a group
+    heads: bool = True  # prune attention heads too
+    keep_normalized: bool = False  # keep widths a LayerNorm normalises (the residual stream)
+    include: list[str] = Field(default_factory=list)  # Scope regexes of producer layers
+    exclude: list[str] = Field(default_factory=list)  # Scope regexes of layers left untouched
+    taylor_batches: int = Field(8, ge=1)  # batches of `data` read by criterion="taylor"
+    seed: int = 0  # for criterion="random"
+
+
+@dataclass
+class ChannelPlan:
+    """The graph, and for each pruned group the units removed; ``slices`` is what reload replays."""
+
+    graph: DepGraph
+    remove: dict[int, list[int]] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)  # unprunable groups, with reasons
+
+    def slices(self, model: nn.Module) -> Slices:
+        removed: dict[str, dict[int, set[int]]] = {}
+        for g in self.graph.groups:
+            units = self.remove.get(g.gid, [])
+            for m in g.members if units else []:
+                removed.setdefault(m.fqn, {}).setdefault(m.dim, set()).update(m.positions(units))
+        out: Slices = {}
+        for fqn, dims in removed.items():
+            owner, _, attr = fqn.rpartition(".")
+            t = getattr(model.get_submodule(owner), attr)
+            out[fqn] = {
+                d: [i for i in range(t.shape[d]) if i not in gone] for d, gone in dims.items()
+            }
+        return out
+
+
+def _merge(scope: Scope | None, cfg: Channel) -> Scope:
+    if scope is None:
+        return Scope(include=cfg.include, exclude=cfg.exclude)
+    return Scope(
+        include=[*scope.include, *cfg.include],
+        exclude=[*scope.exclude, *cfg.exclude],
+        types=scope.types,
+    )
+
+
+def _eligible(g: Group, model: nn.Module, scope: Scope, cfg: Channel) -> bool:
+    if not g.prunable or (g.kind == "head" and not cfg.heads) or (g.lossy and cfg.keep_normalized):
+        return False
+    outs = g.modules("out")
+    if not all(scope.matches(n, model.get_submodule(n)) for n in outs):
+        return False
+    excl = Scope(exclude=scope.exclude)
+    return all(excl.matches(n, model.get_submodule(n)) for n in g.modules())
+
+
+def _check_explicit(model: nn.Module, graph: DepGraph, scope: Scope) -> None:
+    """A layer the user named in ``include`` that cannot be pruned is an error, not a no-op."""
+    if not scope.include:
+        return
+    named = {n for n, _ in scope.select(model)}
+    for name in sorted(named):
+        groups = [g for g in graph.groups if name in g.modules("out")]
+        bad = [r for g in groups for r in g.reasons if r != _OUTPUT]
+        if groups and not any(g.prunable for g in groups) and bad:
+            raise UnsupportedError(
+                f"cannot prune the channels of {name!r}: {bad[0]}",
+                fix=f"leave it out with Scope(exclude=[{name!r}]) (or rewrite that op)",
+            )
+
+
+def _keep(g: Group, n_keep: int, cfg: Channel) -> int:
+    if g.kind == "channel" and cfg.round_to > 1:
+        n_keep = math.ceil(n_keep / cfg.round_to) * cfg.round_to
+    floor = cfg.min_channels if g.kind == "channel" else 1
+    return min(g.units, max(n_keep, floor))
+
+
+def plan_channels(
+    model: nn.Module,
+    config: Channel | None = None,
+    *,
+    example_inputs: Sequence[torch.Tensor],
+    data: Iterable[Any] | None = None,
+    scope: Scope | None = None,
+    loss_fn: LossFn | None = None,
+) -> ChannelPlan:
+    """Which units of which groups ``prune_channels`` would remove (the model is not modified)."""
+    cfg = config or Channel()
+    graph = build_depgraph(model, tuple(example_inputs))
+    sc = _merge(scope, cfg)
+    _check_explicit(model, graph, sc)
+    if sc.include or sc.exclude or sc.types:
+        sc.select(model)  # a scope matching nothing is an error
+    plan = ChannelPlan(
+        graph, skipped=[f"{g.describe()}: {'; '.join(g.reasons)}" for g in graph.unprunable()]
+    )
+    groups = [g for g in graph.groups if _eligible(g, model, sc, cfg)]
+    if not groups or cfg.ratio == 0:
+        return plan
+    saliency = None
+    if cfg.criterion == "taylor":
+        saliency = taylor_saliency(model, data or [], loss_fn, cfg.taylor_batches)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    scores = {
+        g.gid: group_importance(model, g, cfg.criterion, saliency=saliency, generator=gen)
+        for g in groups
+    }
+    if not cfg.global_ranking:
+        for g in groups:
+            n_keep = _keep(g, g.units - int(g.units * cfg.ratio), cfg)
+            order = torch.argsort(scores[g.gid], stable=True).tolist()
+            plan.remove[g.gid] = sorted(order[: g.units - n_keep])
+        plan.remove = {gid: r for gid, r in plan.remove.items() if r}
+        return plan
+    # global: compare scores normalised per group, remove the lowest until the ratio is reached
+    flat = [
+        (float(s / scores[g.gid].mean().clamp_min(1e-12)), g.gid, u)
+        for g in groups
+        for u, s in enumerate(scores[g.gid])
+    ]
+    budget = int(sum(g.units for g in groups) * cfg.ratio)
+    by_id = {g.gid: g for g in groups}
+    chosen: dict[int, list[int]] = {g.gid: [] for g in groups}
+    for _, gid, u in sorted(flat):
+        if budget <= 0:
+            break
+        g = by_id[gid]
+        if g.units - len(chosen[gid]) - 1 >= (cfg.min_channels if g.kind == "channel" else 1):
+            chosen[gid].append(u)
+            budget -= 1
+    for gid, units in chosen.items():
+        g = by_id[gid]
+        n_keep = _keep(g, g.units - len(units), cfg)
+        order = [u for u in torch.argsort(scores[gid], stable=True).tolist() if u in units]
+        if units:
+            plan.remove[gid] = sorted(order[: g.units - n_keep])
+    return plan
+
+
+def _fix_attributes(m: nn.Module) -> None:
+    """Make a layer's width attributes agree with its (sliced) tensors."""
+    if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        out, per_group = m.weight.shape[:2]
+        if m.groups > 1:  # depthwise (the only grouped conv slimkit prunes)
+            m.groups = m.in_channels = m.out_channels = out
+        else:
+            m.in_channels, m.out_channels = per_group, out
+    elif isinstance(m, nn.Linear):
+        m.out_features, m.in_features = m.weight.shape
+    elif isinstance(m, nn.Embedding):
+        m.embedding_dim = m.weight.shape[1]
+    elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+        ref = m.weight if m.weight is not None else m.running_mean
+        assert ref is not None
+        m.num_features = ref.shape[0]
+    elif isinstance(m, nn.LayerNorm):
+        m.normalized_shape = (m.weight.shape[0],)
+    elif isinstance(m, nn.GroupNorm):
+        if m.num_groups == m.num_channels:
+            m.num_groups = m.weight.shape[0]
+        m.num_channels = m.weight.shape[0]
+
+
+def apply_slices(model: nn.Module, slices: Slices) -> nn.Module:
+    """Keep only the listed positions of each tensor (in place) and fix the layers' widths."""
+    touched = set()
+    for fqn, dims in slices.items():
+        owner, _, attr = fqn.rpartition(".")
+        mod = model.get_submodule(owner)
+        t = getattr(mod, attr)
+        new = t.detach()
+        for dim, kept in sorted(dims.items()):
+            new = new.index_select(int(dim), torch.tensor(kept, dtype=torch.long))
+        new = new.contiguous().clone()
+        if isinstance(t, nn.Parameter):
+            setattr(mod, attr, nn.Parameter(new, requires_grad=t.requires_grad))
+        else:
+            setattr(mod, attr, new)
+        touched.add(owner)
+    for owner in touched:
+        _fix_attributes(model.get_submodule(owner))
+    return model
+
+
+@METHODS.register("prune.channel", config=Channel, summary="remove whole channels and heads")
+def prune_channels(
+    model: nn.Module,
+    config: Channel | None = None,
+    *,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor,
+    data: Iterable[Any] | None = None,
+    scope: Scope | None = None,
+    loss_fn: LossFn | None = None,
+) -> nn.Module:
+    """A smaller copy of ``model`` (the original is not modified); ``pruning_record(result)`` holds
+    the kept indices per tensor, which ``save_pruned`` / ``load_pruned`` replay."""
+    cfg = config or Channel()
+    inputs = (
+        (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    )
+    out = copy.deepcopy(model)
+    plan = plan_channels(out, cfg, example_inputs=inputs, data=data, scope=scope, loss_fn=loss_fn)
+    slices = plan.slices(out)
+    apply_slices(out, slices)
+    out.zero_grad(set_to_none=True)
+    record = {
+        "method": "prune.channel",
+        "config": cfg.to_dict(),
+        "slices": {k: {str(d): v for d, v in dims.items()} for k, dims in slices.items()},
+        "skipped": plan.skipped,
+    }
+    set_record(out, record)
+    return out
+
+
+def set_record(model: nn.Module, record: dict[str, Any]) -> None:
+    """Attach a pruning record as a plain attribute (the module stays an ordinary module)."""
+    model.__dict__["_slimkit_pruning"] = record
+
+
+def pruning_record(model: nn.Module) -> dict[str, Any] | None:
+    """What ``prune_channels`` removed from ``model`` (kept positions per tensor), or None."""
+    rec = getattr(model, "_slimkit_pruning", None)
+    return rec if isinstance(rec, dict) else None

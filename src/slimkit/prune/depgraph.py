@@ -1,0 +1,657 @@
+"""Dependency graph: which tensor dimensions of which parameters must lose the same channels.
+
+Removing output channel ``c`` of a conv also removes input column ``c`` of every layer reading it,
+the BatchNorm entries of that channel, the partner channel of a residual add, and so on. A
+:class:`Group` collects every ``(module, param, dim, positions)`` that moves together; pruning
+removes whole *units* of a group (a channel, or an attention head of ``head_dim`` rows).
+
+The graph is built on slimkit's fx capture with shapes from ``ShapeProp``. Each traced tensor
+carries a *layout*: for the dimensions that hold prunable channels, the segments (group, units,
+positions per unit) laid end to end along that dimension, so ``torch.cat`` shifts offsets and a
+flatten of (C, H, W) into a Linear gives each channel H*W consecutive columns. An op the builder
+does not understand marks the groups it touches unprunable with a reason naming the node and its
+module; nothing is ever guessed::
+
+    graph = build_depgraph(model, example_inputs=(x,))
+    print(graph.summary())      # "12 groups, 9 prunable; unprunable: 10 channels of fc: ..."
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from slimkit.core.graph import capture
+from slimkit.errors import DataError
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_PASS_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
+    nn.LeakyReLU, nn.ELU, nn.Mish, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.Upsample,
+)  # fmt: skip
+_PASS_FUNCS = {
+    "relu", "relu_", "relu6", "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid",
+    "leaky_relu", "elu", "mish", "dropout", "contiguous", "clone", "detach", "neg", "abs", "exp",
+    "sqrt", "rsqrt", "clamp", "clamp_min", "clamp_max", "hardtanh", "float", "to", "type_as",
+    "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
+    "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool2d",
+    "interpolate", "pow", "square",
+}  # fmt: skip
+_ELEMENTWISE = {
+    "add", "sub", "mul", "truediv", "div", "iadd", "isub", "imul", "itruediv", "add_", "mul_",
+    "sub_", "maximum", "minimum", "where", "masked_fill", "floordiv",
+}  # fmt: skip
+_SHAPE_QUERIES = {"size", "dim", "getattr", "numel"}
+HEAD_COUNT_ATTRS = ("num_heads", "n_head", "n_heads", "num_attention_heads")
+
+
+@dataclass(frozen=True)
+class Member:
+    """Positions ``offset + u * expand + [0, expand)`` of ``dim`` of ``module.param`` belong to unit
+    ``u`` of the group. ``role``: ``out`` produces the channel, ``in`` reads it, ``norm`` is
+    channel-wise (BatchNorm, depthwise conv, a per-channel scale)."""
+
+    module: str
+    param: str
+    dim: int
+    offset: int
+    expand: int
+    role: str
+
+    @property
+    def fqn(self) -> str:
+        return f"{self.module}.{self.param}" if self.module else self.param
+
+    def positions(self, units: Sequence[int]) -> list[int]:
+        return [self.offset + u * self.expand + k for u in units for k in range(self.expand)]
+
+
+@dataclass
+class Group:
+    """Coupled dimensions pruned together, ``units`` wide. ``reasons`` empty means prunable;
+    ``lossy`` means a normalisation over channels (LayerNorm) sees the width, so removing even
+    all-zero channels changes its statistics."""
+
+    gid: int
+    units: int
+    kind: str  # "channel" or "head"
+    members: list[Member] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+    lossy: bool = False
+
+    @property
+    def prunable(self) -> bool:
+        return not self.reasons
+
+    def modules(self, role: str | None = None) -> list[str]:
+        names = [m.module for m in self.members if role is None or m.role == role]
+        return list(dict.fromkeys(names))
+
+    def describe(self) -> str:
+        what = "heads" if self.kind == "head" else "channels"
+        return f"{self.units} {what} of {', '.join(self.modules('out')) or '?'}"
+
+
+@dataclass
+class DepGraph:
+    """All channel groups of a model; ``unprunable()`` lists the refused ones with reasons."""
+
+    groups: list[Group]
+
+    def prunable(self) -> list[Group]:
+        return [g for g in self.groups if g.prunable]
+
+    def unprunable(self) -> list[Group]:
+        return [g for g in self.groups if not g.prunable]
+
+    def groups_of(self, module: str) -> list[Group]:
+        return [g for g in self.groups if module in g.modules()]
+
+    def summary(self) -> str:
+        text = f"{len(self.groups)} groups, {len(self.prunable())} prunable"
+        bad = [f"{g.describe()}: {'; '.join(g.reasons)}" for g in self.unprunable()]
+        return text + ("; unprunable: " + " | ".join(bad) if bad else "")
+
+
+Seg = tuple[int | None, int, int]  # (group id or None for fixed positions, units, expand)
+Layout = dict[int, list[Seg]]  # tensor dim -> segments laid end to end
+
+
+def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules with ``q_proj``/``k_proj``/``v_proj``/``out_proj`` Linear children and an int
+    ``head_dim``: attention whose head count follows ``q_proj``'s width, pruned by whole heads."""
+    found = {}
+    for name, m in model.named_modules():
+        parts = [getattr(m, p, None) for p in ("q_proj", "k_proj", "v_proj", "out_proj")]
+        if all(isinstance(p, nn.Linear) for p in parts) and isinstance(
+            getattr(m, "head_dim", None), int
+        ):
+            found[name] = m
+    return found
+
+
+class _Builder:
+    def __init__(self, gm: fx.GraphModule, attn: dict[str, nn.Module]) -> None:
+        self.gm = gm
+        self.modules = dict(gm.named_modules())
+        self.attn = attn
+        self.parent: dict[int, int] = {}
+        self.groups: dict[int, Group] = {}
+        self.made_by: dict[str, int] = {}  # producer module -> its output group (shared calls)
+        self.lay: dict[fx.Node, Layout] = {}
+
+    # -- groups ---------------------------------------------------------------------------------
+    def new(self, units: int, kind: str = "channel") -> int:
+        gid = len(self.parent)
+        self.parent[gid] = gid
+        self.groups[gid] = Group(gid, units, kind)
+        return gid
+
+    def find(self, g: int) -> int:
+        while self.parent[g] != g:
+            self.parent[g] = self.parent[self.parent[g]]
+            g = self.parent[g]
+        return g
+
+    def union(self, a: int, b: int, why: str) -> int:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return ra
+        ga, gb = self.groups[ra], self.groups[rb]
+        if ga.units != gb.units or ga.kind != gb.kind:
+            ga.reasons.append(f"couples {ga.units} with {gb.units} units at {why}")
+        self.parent[rb] = ra
+        ga.members += gb.members
+        ga.reasons += gb.reasons
+        ga.lossy |= gb.lossy
+        del self.groups[rb]
+        return ra
+
+    def add(self, gid: int | None, member: Member) -> None:
+        if gid is not None:
+            self.groups[self.find(gid)].members.append(member)
+
+    def fail(self, lay: Layout | None, reason: str, dims: Sequence[int] | None = None) -> None:
+        for d, segs in (lay or {}).items():
+            if dims is None or d in dims:
+                for gid, _, _ in segs:
+                    if gid is not None:
+                        g = self.groups[self.find(gid)]
+                        if reason not in g.reasons:
+                            g.reasons.append(reason)
+
+    # -- helpers --------------------------------------------------------------------------------
+    @staticmethod
+    def shape(n: Any) -> tuple[int, ...] | None:
+        meta = n.meta.get("tensor_meta") if isinstance(n, fx.Node) else None
+        return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+    def where(self, node: fx.Node) -> str:
+        stack = node.meta.get("nn_module_stack") or {}
+        mod = next(reversed(stack)) if stack else (node.target if node.op == "call_module" else "")
+        name = node.target if isinstance(node.target, str) else node.target.__name__  # type: ignore[union-attr]
+        return f"{name!s} at node {node.name!r} in module {mod or type(self.gm).__name__!r}"
+
+    def inputs(self, node: fx.Node) -> Iterator[fx.Node]:
+        for a in node.all_input_nodes:
+            if a in self.lay:
+                yield a
+
+    def fail_inputs(self, node: fx.Node, what: str) -> None:
+        for a in self.inputs(node):
+            self.fail(self.lay[a], f"{what}: {self.where(node)}")
+
+    def segs_at(self, n: Any, d: int) -> list[Seg]:
+        shape = self.shape(n)
+        if isinstance(n, fx.Node) and n in self.lay and d in self.lay[n]:
+            return self.lay[n][d]
+        return [(None, shape[d], 1)] if shape is not None else []
+
+    # -- the walk -------------------------------------------------------------------------------
+    def run(self) -> DepGraph:
+        for node in self.gm.graph.nodes:
+            if node.op == "call_module":
+                self.call_module(node)
+            elif node.op in ("call_function", "call_method"):
+                self.call_function(node)
+            elif node.op == "output":
+                self.fail_inputs(node, "reaches the model output")
+            if node in self.lay:
+                self.lay[node] = {d: s for d, s in self.lay[node].items() if s}
+        return self.finish()
+
+    def finish(self) -> DepGraph:
+        # a param/dim listed in two groups (a layer called twice) ties those groups together
+        seen: dict[tuple[str, int, int, int], int] = {}
+        for gid in list(self.groups):
+            if gid not in self.groups:
+                continue
+            for m in list(self.groups[gid].members):
+                key = (m.fqn, m.dim, m.offset, m.expand)
+                if key in seen and self.find(seen[key]) != self.find(gid):
+                    gid = self.union(seen[key], gid, f"shared parameter {m.fqn}")
+                seen[key] = gid
+        out = []
+        for g in self.groups.values():
+            g.members = list(dict.fromkeys(g.members))
+            out.append(g)
+        return DepGraph(out)
+
+    def pass_through(self, node: fx.Node, src: Any) -> None:
+        if isinstance(src, fx.Node) and src in self.lay:
+            self.lay[node] = dict(self.lay[src])
+
+    def call_module(self, node: fx.Node) -> None:
+        name = str(node.target)
+        m = self.modules[name]
+        x = node.args[0] if node.args else None
+        lay = self.lay.get(x, {}) if isinstance(x, fx.Node) else {}
+        shape = self.shape(x)
+        if name in self.attn:
+            return self.attention(node, name, m, lay, shape)
+        if isinstance(m, _CONVS):
+            return self.conv(node, name, m, lay)
+        if isinstance(m, nn.Linear):
+            rank = len(shape) if shape else 2
+            for d, segs in lay.items():
+                if d == rank - 1:
+                    self.read(segs, name, "weight", 1)
+            out = {d: s for d, s in lay.items() if d != rank - 1}
+            out[rank - 1] = [(self.produce(name, m.out_features, m), m.out_features, 1)]
+            self.lay[node] = out
+            return None
+        if isinstance(m, nn.Embedding):
+            self.fail(lay, f"indexes an embedding: {self.where(node)}")
+            rank = len(self.shape(node) or (0, 0))
+            self.lay[node] = {
+                rank - 1: [(self.produce(name, m.embedding_dim, m, 1), m.embedding_dim, 1)]
+            }
+            return None
+        if isinstance(m, _BNS):
+            self.channelwise(
+                lay.get(1, []), name, m, ("weight", "bias", "running_mean", "running_var")
+            )
+            self.lay[node] = dict(lay)
+            return None
+        if isinstance(m, nn.LayerNorm):
+            rank = len(shape) if shape else 0
+            normed = list(range(rank - len(m.normalized_shape), rank))
+            if len(normed) != 1:
+                self.fail(lay, f"LayerNorm over several dims: {self.where(node)}", normed)
+            else:
+                self.channelwise(lay.get(normed[0], []), name, m, ("weight", "bias"), lossy=True)
+            self.lay[node] = dict(lay)
+            return None
+        if isinstance(m, nn.GroupNorm):
+            if m.num_groups not in (1, m.num_channels):
+                self.fail(lay, f"GroupNorm with {m.num_groups} groups: {self.where(node)}", [1])
+            lossy = m.num_groups == 1
+            self.channelwise(lay.get(1, []), name, m, ("weight", "bias"), lossy=lossy)
+            self.lay[node] = dict(lay)
+            return None
+        if isinstance(m, _PASS_MODULES):
+            return self.pass_through(node, x)
+        if isinstance(m, nn.Flatten):
+            return self.flatten(node, x, m.start_dim, m.end_dim)
+        if isinstance(m, (nn.Softmax, nn.LogSoftmax)):
+            return self.softmax(node, x, m.dim)
+        return self.fail_inputs(node, f"passes through unsupported layer {type(m).__name__}")
+
+    def produce(self, name: str, units: int, m: nn.Module, dim: int = 0) -> int:
+        if name in self.made_by:
+            return self.made_by[name]
+        gid = self.new(units)
+        self.add(gid, Member(name, "weight", dim, 0, 1, "out"))
+        if dim == 0 and isinstance(getattr(m, "bias", None), torch.Tensor):
+            self.add(gid, Member(name, "bias", 0, 0, 1, "out"))
+        self.made_by[name] = gid
+        return gid
+
+    def read(self, segs: list[Seg], name: str, param: str, dim: int) -> None:
+        offset = 0
+        for gid, units, expand in segs:
+            self.add(gid, Member(name, param, dim, offset, expand, "in"))
+            offset += units * expand
+
+    def channelwise(
+        self, segs: list[Seg], name: str, m: nn.Module, params: Sequence[str], lossy: bool = False
+    ) -> None:
+        have = [p for p in params if isinstance(getattr(m, p, None), torch.Tensor)]
+        if not have:  # nothing to slice would leave the layer's width stale
+            self.fail({0: segs}, f"{type(m).__name__} {name!r} has no per-channel tensor to slice")
+        offset = 0
+        for gid, units, expand in segs:
+            for p in have:
+                self.add(gid, Member(name, p, 0, offset, expand, "norm"))
+            if gid is not None and lossy:
+                self.groups[self.find(gid)].lossy = True
+            offset += units * expand
+
+    def conv(self, node: fx.Node, name: str, m: nn.Module, lay: Layout) -> None:
+        assert isinstance(m, _CONVS)
+        self.fail(
+            {d: s for d, s in lay.items() if d != 1}, f"conv mixes positions: {self.where(node)}"
+        )
+        segs = lay.get(1, [])
+        if m.groups == 1:
+            self.read(segs, name, "weight", 1)
+            self.lay[node] = {1: [(self.produce(name, m.out_channels, m), m.out_channels, 1)]}
+        elif m.groups == m.in_channels == m.out_channels:  # depthwise: channel c in -> c out
+            self.channelwise(segs, name, m, ("weight", "bias"))
+            self.lay[node] = {1: list(segs)}
+        else:
+            self.fail(
+                lay, f"grouped conv ties channels across {m.groups} groups: {self.where(node)}"
+            )
+
+    def attention(
+        self, node: fx.Node, name: str, m: nn.Module, lay: Layout, shape: tuple[int, ...] | None
+    ) -> None:
+        rank = len(shape) if shape else 3
+        self.fail(
+            {d: s for d, s in lay.items() if d != rank - 1},
+            f"attention mixes positions: {self.where(node)}",
+        )
+        for p in ("q_proj", "k_proj", "v_proj"):
+            self.read(lay.get(rank - 1, []), f"{name}.{p}", "weight", 1)
+        q, out = cast(nn.Linear, m.q_proj), cast(nn.Linear, m.out_proj)
+        head_dim = int(cast(int, m.head_dim))
+        heads = self.new(q.out_features // head_dim, "head")
+        for p in ("q_proj", "k_proj", "v_proj"):
+            lin = getattr(m, p)
+            self.add(heads, Member(f"{name}.{p}", "weight", 0, 0, head_dim, "out"))
+            if lin.bias is not None:
+                self.add(heads, Member(f"{name}.{p}", "bias", 0, 0, head_dim, "out"))
+        self.add(heads, Member(f"{name}.out_proj", "weight", 1, 0, head_dim, "in"))
+        for attr in HEAD_COUNT_ATTRS:
+            if isinstance(getattr(m, attr, None), int):
+                self.groups[heads].reasons.append(
+                    f"attention {name!r} stores its head count in {attr!r}, so pruned heads "
+                    "would not match its forward"
+                )
+        gid = self.produce(f"{name}.out_proj", out.out_features, out)
+        self.lay[node] = {rank - 1: [(gid, out.out_features, 1)]}
+
+    # -- functions and methods ------------------------------------------------------------------
+    def call_function(self, node: fx.Node) -> None:
+        t = node.target
+        fname = t if isinstance(t, str) else getattr(t, "__name__", str(t))
+        args, kw = node.args, node.kwargs
+        x = args[0] if args else kw.get("input")
+        if fname in _SHAPE_QUERIES:
+            return None
+        if self.shape(node) is None and fname != "getitem":  # a tuple (chunk, split, max)
+            return self.fail_inputs(node, f"returns several tensors from {fname}")
+        if fname in _PASS_FUNCS:
+            return self.pass_through(node, x)
+        if fname in _ELEMENTWISE or t in (operator.add, operator.mul, operator.sub):
+            return self.elementwise(node)
+        if fname == "flatten":
+            start = args[1] if len(args) > 1 else kw.get("start_dim", 0)
+            end = args[2] if len(args) > 2 else kw.get("end_dim", -1)
+            return self.flatten(node, x, int(start), int(end))  # type: ignore[arg-type]
+        if fname in ("view", "reshape"):
+            shape_args = args[1:]
+            if len(shape_args) == 1 and isinstance(shape_args[0], (tuple, list)):
+                shape_args = tuple(shape_args[0])
+            return self.reshape(node, x, list(shape_args))
+        if fname in ("permute", "transpose", "swapaxes", "t", "movedim", "unsqueeze", "squeeze"):
+            return self.move_dims(node, x, fname)
+        if fname in ("cat", "concat", "concatenate"):
+            return self.cat(node)
+        if fname in ("mean", "sum", "amax", "amin", "max", "min", "prod", "std", "var"):
+            return self.reduce(node, x, fname)
+        if fname in ("softmax", "log_softmax"):
+            dim = args[1] if len(args) > 1 else kw.get("dim")
+            return self.softmax(node, x, dim)
+        if fname == "pad":
+            return self.pad(node, x)
+        if fname == "getitem":
+            return self.getitem(node, x)
+        return self.fail_inputs(node, "passes through an op slimkit cannot follow")
+
+    def elementwise(self, node: fx.Node) -> None:
+        out_shape = self.shape(node)
+        assert out_shape is not None
+        rank = len(out_shape)
+        out: Layout = {}
+        ops = [a for a in node.all_input_nodes if self.shape(a) is not None]
+        for d in range(rank):
+            tracked: list[tuple[fx.Node, list[Seg]]] = []
+            fixed: list[fx.Node] = []
+            for a in ops:
+                sa = self.shape(a)
+                assert sa is not None
+                da = d - (rank - len(sa))
+                if da < 0 or sa[da] == 1:
+                    continue
+                if a in self.lay and da in self.lay[a]:
+                    tracked.append((a, self.lay[a][da]))
+                else:
+                    fixed.append(a)
+            if not tracked:
+                continue
+            first = tracked[0][1]
+            for a in fixed:
+                if a.op == "get_attr":  # a per-channel parameter or buffer: prune it too
+                    sa = self.shape(a)
+                    assert sa is not None
+                    owner, _, attr = str(a.target).rpartition(".")
+                    off = 0
+                    for gid, units, expand in first:
+                        self.add(
+                            gid, Member(owner, attr, d - (rank - len(sa)), off, expand, "norm")
+                        )
+                        off += units * expand
+                else:
+                    self.fail({0: first}, f"combined with a fixed-width tensor: {self.where(node)}")
+            for _, segs in tracked[1:]:
+                if [(u, e) for _, u, e in segs] != [(u, e) for _, u, e in first]:
+                    self.fail(
+                        {0: first + segs}, f"adds differently laid-out channels: {self.where(node)}"
+                    )
+                    continue
+                for (g1, _, _), (g2, _, _) in zip(first, segs, strict=True):
+                    if g1 is None or g2 is None:
+                        if g1 != g2:
+                            self.fail(
+                                {0: first + segs},
+                                f"combined with fixed channels: {self.where(node)}",
+                            )
+                    else:
+                        self.union(g1, g2, self.where(node))
+            out[d] = first
+        self.lay[node] = out
+
+    def flatten(self, node: fx.Node, x: Any, start: int, end: int) -> None:
+        shape = self.shape(x)
+        if shape is None or x not in self.lay:
+            return None
+        rank = len(shape)
+        start, end = start % rank, end % rank
+        out: Layout = {}
+        for d, segs in self.lay[x].items():
+            if d < start:
+                out[d] = segs
+            elif d > end:
+                out[d - (end - start)] = segs
+            elif d == start:  # outermost of the merged dims: each unit spans the inner ones
+                inner = math.prod(shape[start + 1 : end + 1])
+                out[d] = [(g, u, e * inner) for g, u, e in segs]
+            else:
+                self.fail({d: segs}, f"flattens channels inside other dims: {self.where(node)}")
+        self.lay[node] = out
+
+    def reshape(self, node: fx.Node, x: Any, sizes: list[Any]) -> None:
+        shape, out_shape = self.shape(x), self.shape(node)
+        if shape is None or out_shape is None or x not in self.lay:
+            return None
+        out: Layout = {}
+        for d, segs in self.lay[x].items():
+            pre, post = math.prod(shape[:d]), math.prod(shape[d + 1 :])
+            # the channel dim survives as the outer part of an output dim whose prefix matches
+            acc, od = 1, 0
+            while od < len(out_shape) and acc < pre:
+                acc *= out_shape[od]
+                od += 1
+            ok = acc == pre and od < len(out_shape) and out_shape[od] % shape[d] == 0
+            inner = out_shape[od] // shape[d] if ok else 0
+            ok = ok and math.prod(out_shape[od + 1 :]) * inner == post
+            if not ok:
+                self.fail({d: segs}, f"reshapes channels into other dims: {self.where(node)}")
+                continue
+            size = sizes[od] if od < len(sizes) else None
+            if isinstance(size, int) and size != -1:
+                self.fail(
+                    {d: segs},
+                    f"hard-codes width {size} in {self.where(node)}; write -1 or x.size(...) there",
+                )
+                continue
+            out[od] = [(g, u, e * inner) for g, u, e in segs]
+        self.lay[node] = out
+
+    def move_dims(self, node: fx.Node, x: Any, fname: str) -> None:
+        shape = self.shape(x)
+        if shape is None or x not in self.lay:
+            return None
+        rank = len(shape)
+        args: tuple[Any, ...] = tuple(node.args[1:])
+        order = list(range(rank))
+        if fname == "permute":
+            perm = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
+            order = [int(p) % rank for p in perm]
+        elif fname in ("transpose", "swapaxes", "t", "movedim"):
+            a, b = (args[0], args[1]) if len(args) >= 2 else (0, 1)
+            a, b = int(a) % rank, int(b) % rank
+            if fname == "movedim":
+                order.pop(a)
+                order.insert(b, a)
+            else:
+                order[a], order[b] = order[b], order[a]
+        elif fname == "unsqueeze":
+            at = int(args[0]) % (rank + 1)
+            order = [d for d in range(rank)]
+            order.insert(at, -1)
+        else:  # squeeze: drops the named (or every) size-1 dim
+            named = [int(a) % rank for a in args] if args else list(range(rank))
+            order = [d for d in range(rank) if not (d in named and shape[d] == 1)]
+        self.lay[node] = {order.index(d): s for d, s in self.lay[x].items() if d in order}
+
+    def cat(self, node: fx.Node) -> None:
+        tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+        dim_arg: Any = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        out_shape = self.shape(node)
+        assert isinstance(tensors, (list, tuple)) and out_shape is not None
+        dim = int(dim_arg) % len(out_shape)
+        segs: list[Seg] = []
+        for t in tensors:
+            segs += self.segs_at(t, dim)
+        out: Layout = {dim: segs} if any(g is not None for g, _, _ in segs) else {}
+        for d in range(len(out_shape)):  # other dims behave as in an elementwise op
+            if d == dim:
+                continue
+            lays = [
+                self.lay[t][d]
+                for t in tensors
+                if isinstance(t, fx.Node) and t in self.lay and d in self.lay[t]
+            ]
+            if lays and len(lays) < len(tensors):
+                self.fail({0: lays[0]}, f"concatenated with fixed channels: {self.where(node)}")
+            elif lays:
+                for other in lays[1:]:
+                    for (g1, _, _), (g2, _, _) in zip(lays[0], other, strict=False):
+                        if g1 is not None and g2 is not None:
+                            self.union(g1, g2, self.where(node))
+                out[d] = lays[0]
+        self.lay[node] = out
+
+    def reduce(self, node: fx.Node, x: Any, fname: str) -> None:
+        shape = self.shape(x)
+        if shape is None or x not in self.lay:
+            return None
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        keep = bool(node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False))
+        rank = len(shape)
+        dims = range(rank) if dim is None else [dim] if isinstance(dim, int) else list(dim)  # type: ignore[arg-type]
+        dims = sorted(int(d) % rank for d in dims)
+        self.fail(self.lay[x], f"{fname} over channels: {self.where(node)}", dims)
+        out = {}
+        for d, s in self.lay[x].items():
+            if d not in dims:
+                out[d if keep else d - sum(1 for r in dims if r < d)] = s
+        self.lay[node] = out
+
+    def softmax(self, node: fx.Node, x: Any, dim: Any) -> None:
+        shape = self.shape(x)
+        if shape is not None and x in self.lay and isinstance(dim, int):
+            self.fail(self.lay[x], f"softmax over channels: {self.where(node)}", [dim % len(shape)])
+        self.pass_through(node, x)
+
+    def pad(self, node: fx.Node, x: Any) -> None:
+        shape = self.shape(x)
+        pads = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad", ())
+        if shape is None or x not in self.lay:
+            return None
+        assert isinstance(pads, (tuple, list))
+        rank = len(shape)
+        padded = [rank - 1 - i // 2 for i, p in enumerate(pads) if p != 0]
+        self.fail(self.lay[x], f"pads the channel dim: {self.where(node)}", padded)
+        self.pass_through(node, x)
+
+    def getitem(self, node: fx.Node, x: Any) -> None:
+        shape = self.shape(x)
+        if shape is None or x not in self.lay:
+            return None  # indexing a tuple (e.g. an LSTM's output): its producer decided
+        idx = node.args[1]
+        items = list(idx) if isinstance(idx, tuple) else [idx]
+        if any(i is Ellipsis for i in items):
+            at = items.index(Ellipsis)
+            fill = len(shape) - (len(items) - 1 - sum(1 for i in items if i is None))
+            items[at : at + 1] = [slice(None)] * fill
+        out, d_in, d_out = {}, 0, 0
+        lay = self.lay[x]
+        for it in items:
+            if it is None:
+                d_out += 1
+                continue
+            if isinstance(it, slice) and it == slice(None):
+                if d_in in lay:
+                    out[d_out] = lay[d_in]
+                d_in, d_out = d_in + 1, d_out + 1
+            elif isinstance(it, int):
+                self.fail(lay, f"indexes into channels: {self.where(node)}", [d_in])
+                d_in += 1
+            else:
+                self.fail(lay, f"slices channels: {self.where(node)}", [d_in])
+                d_in, d_out = d_in + 1, d_out + 1
+        for d in range(d_in, len(shape)):
+            if d in lay:
+                out[d_out + d - d_in] = lay[d]
+        self.lay[node] = out
+
+
+def build_depgraph(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> DepGraph:
+    """The channel groups of ``model`` traced on ``example_inputs`` (the model is not modified)."""
+    attn = attention_modules(model)
+    gm = capture(model, method="fx", leaf_names=list(attn))
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example_inputs)
+    except Exception as e:  # the user's inputs do not fit the model
+        raise DataError(
+            f"{type(model).__name__} fails on example_inputs of shapes "
+            f"{[tuple(x.shape) for x in example_inputs]}: {str(e).splitlines()[0][:200]}",
+            fix="pass example_inputs=(x,) with the shape and dtype the model is called with",
+        ) from e
+    return _Builder(gm, attn).run()
