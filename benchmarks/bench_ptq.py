@@ -31,7 +31,7 @@ from slimkit.core.machine import cpu_info  # noqa: E402
 from slimkit.export.onnx import export_onnx  # noqa: E402
 from slimkit.export.ort import ort_session, run_session  # noqa: E402
 from slimkit.export.qdq import export_quantized  # noqa: E402
-from slimkit.quant.ptq import PTQ, quantize  # noqa: E402
+from slimkit.quant.ptq import PTQ, quantize_ptq  # noqa: E402
 from slimkit.testing.numerics import sqnr  # noqa: E402
 from slimkit.zoo import create_model, example_inputs  # noqa: E402
 
@@ -118,7 +118,7 @@ def bench_model(name: str, quick: bool, tmp: Path) -> list[dict[str, Any]]:
         variants["nncf int8 (default)"] = {"tool": "nncf", "path": nncf_path, "tool_s": secs_nncf}
 
     t0 = time.perf_counter()
-    q = quantize(model, PTQ(), data=calib_t)
+    q = quantize_ptq(model, PTQ(), data=calib_t)
     secs = time.perf_counter() - t0
     sk_path = tmp / f"{name}_slimkit.onnx"
     export_quantized(q, sk_path, example_inputs=(calib_t[0],))

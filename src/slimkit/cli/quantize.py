@@ -42,7 +42,7 @@ def quantize_cmd(
     from slimkit.export.onnx import export_onnx
     from slimkit.export.ort import OrtModule, ort_session, run_session
     from slimkit.export.qdq import export_quantized
-    from slimkit.quant.ptq import PTQ, quantize
+    from slimkit.quant.ptq import PTQ, quantize_ptq
     from slimkit.testing.numerics import sqnr
 
     configure_threads(2)
@@ -69,7 +69,7 @@ def quantize_cmd(
         )
     t0 = time.perf_counter()
     with err_console.status("calibrating and converting"):
-        q = quantize(rm.model, cfg, data=data)
+        q = quantize_ptq(rm.model, cfg, data=data)
     tool_s = time.perf_counter() - t0
     example = rm.inputs(1)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,37 @@
+"""The ``slimkit`` command line: one command per verb, rich tables, ``--json`` where a table prints.
+
+slimkit list              every method, zoo model and task
+slimkit zoo list|train    the model zoo and its trained weights
+slimkit export MODEL      ONNX with a dynamic batch, checked in ONNX Runtime
+slimkit bench MODEL       latency, PyTorch eager vs ONNX Runtime
+slimkit demo              train, evaluate, export, check and time a model end to end
+slimkit analyze MODEL     roofline, measured layer times, predicted speed-ups, sensitivity
+slimkit hw measure|list   hardware profiles
+"""
+
+from __future__ import annotations
+
+import typer
+
+from slimkit.cli import analyze, bench, demo, export, hw, info, prune, quantize
+
+app = typer.Typer(
+    name="slimkit",
+    help="Make trained PyTorch models smaller and faster, with a measured loss of accuracy.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("list")(info.list_cmd)
+app.add_typer(info.zoo_app, name="zoo")
+app.command("export")(export.export_cmd)
+app.command("bench")(bench.bench_cmd)
+app.command("demo")(demo.demo_cmd)
+app.command("quantize")(quantize.quantize_cmd)
+app.command("prune")(prune.prune_cmd)
+app.command("analyze")(analyze.analyze_cmd)
+app.add_typer(hw.hw_app, name="hw")
+
+
+def main() -> None:
+    app()
