@@ -46,7 +46,11 @@ def analyze_cmd(
     model: str = typer.Argument(..., help="zoo:NAME, file.pt2, or package.module:factory"),
     hw: str = typer.Option("this", help="'this' (measured here), a preset, or a profile .yaml"),
     batch: int = typer.Option(1, min=1, help="batch size of the example inputs"),
-    measure: bool = typer.Option(True, help="time each layer on the runtime beside its bound"),
+    measure: bool | None = typer.Option(
+        None,
+        help="time each layer here beside its bound (default: only with --hw this, since "
+        "times measured on this machine say nothing about another target)",
+    ),  # fmt: skip
     runtime: str = typer.Option("onnxruntime", help="runtime to measure: onnxruntime | eager"),
     sensitivity: bool = typer.Option(False, help="per-layer int8/int4/prune/low-rank trials"),
     changes: str = typer.Option(
@@ -69,9 +73,10 @@ def analyze_cmd(
     shape = parse_shape(input_shape) if input_shape else None
     rm = resolve_model(model, weights=weights, input_shape=shape, progress=not json_out)
     metric, data, how = (None, None, "") if not sensitivity else _sensitivity_setup(rm, batch)
+    timed = (hw == "this") if measure is None else measure
     with status(f"analysing {rm.name}", not json_out):
         rep = analyze(
-            rm.model, rm.inputs(batch), hw=hw, measure=measure,
+            rm.model, rm.inputs(batch), hw=hw, measure=timed,
             runtime="eager" if runtime == "eager" else runtime, sensitivity=sensitivity,
             changes=[c.strip() for c in changes.split(",") if c.strip()], metric=metric,
             data=data, out=out, progress=sensitivity and not json_out, name=rm.name,
