@@ -1,8 +1,9 @@
 """Build the simulated int8 model: where activations are quantized, observation, conversion.
 
 Placement follows what ONNX Runtime fuses into integer kernels, so that the simulated model *is*
-the deployed one: the inputs of every Conv/Linear/matmul/add/concat/average-pool are quantized;
-the outputs of Conv, add, concat and pooling are quantized after a ReLU/ReLU6 that directly
+the deployed one: the inputs of every Conv/Linear/matmul/average-pool are quantized, and of every
+add/concat whose result feeds one of those (a transformer's residual add feeding LayerNorm stays
+float); the outputs of Conv, add, concat and pooling are quantized after a ReLU/ReLU6 that directly
 follows them (ORT folds it into the clamp); Linear/matmul outputs only when a quantized op consumes
 them (otherwise ORT's MatMulIntegerToFloat / QGemm produce float, which is also more accurate).
 Reshapes, flatten, transposes, max-pooling and unfused ReLUs pass quantized tensors through and
@@ -151,11 +152,13 @@ def place(gm: fx.GraphModule, scope: Scope | None) -> Placement:
         k = kinds[n.name]
         if k not in ("conv", "linear", "matmul", "add", "cat", "pool"):
             continue
+        out = fused_act(n) or n
+        if k in ("add", "cat") and not consumed_by_qop(out):
+            continue  # e.g. a transformer's residual add feeding LayerNorm: float is exact there
         if k in ("conv", "linear"):
             plan.weighted[n.name] = str(n.target)
         for a in _tensor_inputs(n, k):
             mark_input(a)
-        out = fused_act(n) or n
         if k in ALWAYS_OUT or consumed_by_qop(out):
             marked.setdefault(out.name, None)
     order = [n.name for n in gm.graph.nodes]
