@@ -120,9 +120,9 @@ def test_calibrators_on_a_tensor_with_outliers() -> None:
     x = torch.randn(100_000, generator=g)
     x[:5] = 40.0  # a few outliers
     st = TensorStats()
-    st.update_range(x)
-    st.start_histogram()
-    st.update_histogram(x)
+    for chunk in (x[5:50_000], x[50_000:], x[:5]):  # the outliers come last: the histogram grows
+        st.update(chunk)
+    assert st.hist is not None and st.hist.sum() == x.numel() and st.hist_hi >= 40.0
     lo, hi = choose_range(st, "minmax")
     assert hi == pytest.approx(40.0)
     for method in ("percentile", "entropy"):
@@ -143,15 +143,13 @@ def test_calibrators_on_a_tensor_with_outliers() -> None:
 
 
 def test_bias_correction_removes_the_mean_shift() -> None:
-    model = create_model("mobilenetv2_cifar")
-    calib = [example_inputs("mobilenetv2_cifar", batch=1, seed=i)[0] for i in range(32)]
-    x = torch.cat(
-        [example_inputs("mobilenetv2_cifar", batch=1, seed=1000 + i)[0] for i in range(8)]
-    )
+    name = "resnet18_cifar"
+    model = create_model(name)
+    calib = [example_inputs(name, batch=1, seed=i)[0] for i in range(32)]
+    x = torch.cat([example_inputs(name, batch=1, seed=1000 + i)[0] for i in range(8)])
     with torch.no_grad():
         ref = model(x)
         plain = quantize(model, PTQ(bias_correction=False), data=calib)(x)
         fixed = quantize(model, PTQ(), data=calib)(x)
-    # measured 17.35 -> 18.98 dB (random weights, 32 samples, 7-bit weights, MSE calibration)
-    assert sqnr(ref, fixed) > sqnr(ref, plain) + 1.0
-    assert float((fixed - ref).mean().abs()) < float((plain - ref).mean().abs())
+    # measured 25.9 -> 30.3 dB (random weights, 32 samples, 7-bit weights, MSE calibration)
+    assert sqnr(ref, fixed) > sqnr(ref, plain) + 2.5

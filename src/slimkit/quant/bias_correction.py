@@ -47,12 +47,11 @@ def correct(qmodel: nn.Module, layers: dict[str, QuantLayer], batches: Sequence[
             xq = torch.fake_quantize_per_tensor_affine(
                 x, layer.input_scale, layer.input_zero_point, 0, qmax
             )
-            x, xq = x.double(), xq.double()
             if linear:
                 x, xq = x.reshape(-1, x.shape[-1]), xq.reshape(-1, xq.shape[-1])
             entry = acc.setdefault(name, [0.0, 0.0, 0])
-            entry[0] = entry[0] + x.sum(0)
-            entry[1] = entry[1] + xq.sum(0)
+            entry[0] = entry[0] + x.sum(0, dtype=torch.float64)
+            entry[1] = entry[1] + xq.sum(0, dtype=torch.float64)
             entry[2] += x.shape[0]
 
         return fn

@@ -12,6 +12,7 @@ share their input's scale, so ORT can run them on uint8.
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -198,7 +199,13 @@ def observe(
     current = {"batch": 0}
 
     def ranges(q: ActQuant, x: torch.Tensor) -> None:
-        if not torch.isfinite(x).all():
+        st = stats[q.name]
+        if histogram:
+            st.update(x)
+            lo, hi = st.batch_lo, st.batch_hi
+        else:
+            lo, hi = st.update_range(x)
+        if not (math.isfinite(lo) and math.isfinite(hi)):  # NaN/Inf anywhere shows in min/max
             raise DataError(
                 f"the activation after {q.name!r} has NaN/Inf on calibration batch "
                 f"{current['batch']}",
@@ -206,27 +213,16 @@ def observe(
                 "layer, or an unnormalised input); exclude the layer with a Scope if it is "
                 "meant to produce Inf",
             )
-        stats[q.name].update_range(x)
 
-    def hist(q: ActQuant, x: torch.Tensor) -> None:
-        stats[q.name].update_histogram(x)
-
-    passes: list[tuple[str, Callable[[ActQuant, torch.Tensor], None]]] = [("ranges", ranges)]
-    if histogram:
-        passes.append(("histograms", hist))
     try:
-        for label, fn in passes:
-            if label == "histograms":
-                for st in stats.values():
-                    st.start_histogram()
-            for name, q in quants.items():
-                q.observer = fn if name in stats else None
-            with torch.no_grad():
-                for b in batches:
-                    current["batch"] = b.index
-                    b.run(gm)
-                    if progress is not None:
-                        progress(label)
+        for name, q in quants.items():
+            q.observer = ranges if name in stats else None
+        with torch.no_grad():
+            for b in batches:
+                current["batch"] = b.index
+                b.run(gm)
+                if progress is not None:
+                    progress("calibration")
     finally:
         for q in quants.values():
             q.observer = None
