@@ -1,8 +1,9 @@
 """Channel pruning: slimkit against Torch-Pruning at the same channel ratio, same fine-tuning.
 
 Trained zoo CNNs (their bundled task's test split, never used in training): the dense model, then
-each tool removes the same fraction of channels by L1 norm (final classifier kept whole), both
-pruned models get the same fine-tuning budget with slimkit's trainer, and we report top-1 before
+each tool removes the same fraction of channels by L1 norm (final classifier kept whole), all
+pruned models get the same fine-tuning budget with slimkit's trainer (slimkit also with its
+recovery recipe: response distillation from the dense model), and we report top-1 before
 and after fine-tuning, parameters, MACs and ORT latency (batch 1, interleaved rounds).
 
     python benchmarks/bench_prune.py --quick   # shapes_cnn + digits_cnn, ratio 0.3, 1 epoch
@@ -26,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import parser, print_table, start, write_result  # noqa: E402
 from slimkit.analyze.latency import measure_latency, ort_runner  # noqa: E402
 from slimkit.analyze.profile import profile_model  # noqa: E402
-from slimkit.core.train import fit  # noqa: E402
 from slimkit.export.onnx import export_onnx  # noqa: E402
 from slimkit.export.ort import ort_session  # noqa: E402
 from slimkit.prune import Channel, prune_channels  # noqa: E402
+from slimkit.prune.recover import recover  # noqa: E402
 from slimkit.zoo import PRETRAINED, evaluate, load_task, pretrained  # noqa: E402
 
 
@@ -47,10 +48,10 @@ def torch_pruning(model: nn.Module, x: torch.Tensor, ratio: float) -> nn.Module 
     return m
 
 
-def finetune(model: nn.Module, task: Any, epochs: int) -> float:
+def finetune(model: nn.Module, task: Any, epochs: int, teacher: nn.Module | None = None) -> float:
     t0 = time.perf_counter()
-    fit(model, task.loader("train", 64, shuffle=True), epochs=epochs, lr=1e-3, progress=False,
-        weight_decay=5e-4)  # fmt: skip
+    recover(model, task.loader("train", 64, shuffle=True), teacher=teacher, epochs=epochs, lr=1e-3,
+            progress=False, weight_decay=5e-4)  # fmt: skip
     return time.perf_counter() - t0
 
 
@@ -63,13 +64,15 @@ def bench(name: str, ratios: list[float], epochs: int, tmp: Path) -> list[dict[s
         "dense": ("slimkit", dense, {"top1": evaluate(dense, task)["top1"]})
     }
     for r in ratios:
-        peers = {"slimkit": prune_channels(dense, Channel(ratio=r), example_inputs=(x,)),
+        small = prune_channels(dense, Channel(ratio=r), example_inputs=(x,))
+        peers = {"slimkit": small, "slimkit+kd": copy.deepcopy(small),
                  "torch-pruning": torch_pruning(dense, x, r)}  # fmt: skip
         for tool, m in peers.items():
             if m is None:
                 continue
             info = {"top1_oneshot": evaluate(m, task)["top1"]}
-            info["finetune_s"] = round(finetune(m, task, epochs), 1)
+            teacher = dense if tool == "slimkit+kd" else None
+            info["finetune_s"] = round(finetune(m, task, epochs, teacher), 1)
             info["top1"] = evaluate(m, task)["top1"]
             variants[f"{tool}: l1 ratio {r}"] = (tool, m, info)
     runners, rows = {}, []
@@ -80,9 +83,11 @@ def bench(name: str, ratios: list[float], epochs: int, tmp: Path) -> list[dict[s
     stats = measure_latency(runners, runs=50, warmup=10, rounds=3)
     for label, (tool, m, info) in variants.items():
         prof = profile_model(m, (x,))
+        method = "dense" if label == "dense" else f"l1, ratio {label.rsplit(' ', 1)[1]}"
+        if tool == "slimkit+kd":
+            tool, method = "slimkit", method + ", distilled from the dense model"
         rows.append({
-            "model": name, "tool": tool,
-            "method": "dense" if label == "dense" else f"l1, ratio {label.rsplit(' ', 1)[1]}",
+            "model": name, "tool": tool, "method": method,
             "batch": 1, "metric": {k: round(v, 4) for k, v in info.items() if "top1" in k},
             "finetune_epochs": 0 if label == "dense" else epochs,
             "finetune_s": info.get("finetune_s"), "macs": prof.total_macs,

@@ -16,16 +16,19 @@ from slimkit.prune.channel import (
     pruning_record,
 )
 from slimkit.prune.depgraph import DepGraph, Group, Member, build_depgraph
+from slimkit.prune.recover import distillation_loss, recover
 from slimkit.prune.unstructured import NM, Magnitude, finalize, prune_magnitude, prune_nm, sparsity
 
 __all__ = [
     "NM",
     "Channel",
     "Magnitude",
+    "distillation_loss",
     "finalize",
     "load_pruned",
     "prune_magnitude",
     "prune_nm",
+    "recover",
     "save_pruned",
     "sparsity",
     "DepGraph",
