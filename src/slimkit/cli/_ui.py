@@ -40,9 +40,12 @@ def fmt(value: Any, digits: int = 3) -> str:
 
 
 def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Table:
+    """A rich table: numbers right-aligned, text left-aligned."""
     t = Table(title=title, title_justify="left", header_style="bold")
     for i, c in enumerate(columns):
-        t.add_column(c, justify="left" if i == 0 else "right")
+        cells = [r[i] for r in rows if i < len(r) and r[i] is not None]
+        numeric = i > 0 and all(isinstance(v, (int, float)) for v in cells)
+        t.add_column(c, justify="right" if numeric else "left")
     for r in rows:
         t.add_row(*[fmt(v) for v in r])
     return t
