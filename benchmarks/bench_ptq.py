@@ -154,10 +154,48 @@ def bench_model(name: str, quick: bool, tmp: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def bench_trained(name: str, tmp: Path) -> list[dict[str, Any]]:
+    """Trained zoo model: top-1 on its held-out test split, float vs int8 as run in ORT."""
+    from slimkit.export.ort import OrtModule
+    from slimkit.zoo import PRETRAINED, evaluate, load_task, pretrained
+
+    task = load_task(PRETRAINED.get(name).task)
+    model = pretrained(name, progress=False)
+    calib_batches = task.calibration(n=N_CALIB * 8, batch_size=8)
+    x1 = task.test.tensors[0][:1]
+    raw, fp32 = tmp / f"{name}_raw.onnx", tmp / f"{name}_fp32.onnx"
+    export_onnx(model, raw, example_inputs=(x1,), input_names=["input"])
+    from onnxruntime.quantization import quant_pre_process
+
+    quant_pre_process(str(raw), str(fp32), skip_symbolic_shape=True)
+    calib = [b.numpy() for b in calib_batches]
+    rows = [{"model": name, "tool": "onnxruntime", "method": "fp32", "batch": 1,
+             "metric": {"top1": evaluate(OrtModule(ort_session(fp32)), task)["top1"]}}]  # fmt: skip
+    for pc, pct in ((True, False), (False, True)):
+        path = tmp / f"{name}_ort_{int(pc)}{int(pct)}.onnx"
+        secs = ort_static(fp32, path, calib, "input", per_channel=pc, reduce_range=False,
+                          percentile=pct)  # fmt: skip
+        label = (
+            f"static {'per-channel' if pc else 'per-tensor'}, {'percentile' if pct else 'minmax'}"
+        )
+        top1 = evaluate(OrtModule(ort_session(path)), task)["top1"]
+        rows.append({"model": name, "tool": "onnxruntime", "method": label, "batch": 1,
+                     "metric": {"top1": top1}, "tool_s": round(secs, 2)})  # fmt: skip
+    t0 = time.perf_counter()
+    q = quantize_ptq(model, PTQ(), data=calib_batches)
+    secs = time.perf_counter() - t0
+    path = tmp / f"{name}_slimkit.onnx"
+    export_quantized(q, path, example_inputs=(x1,))
+    top1 = evaluate(OrtModule(ort_session(path)), task)["top1"]
+    rows.append({"model": name, "tool": "slimkit", "method": "int8 static, mse", "batch": 1,
+                 "metric": {"top1": top1}, "tool_s": round(secs, 2)})  # fmt: skip
+    return rows
+
+
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per model: slimkit vs the best-SQNR peer and vs the fastest peer (ratios and dB deltas)."""
     out = []
-    for model in dict.fromkeys(r["model"] for r in rows):
+    for model in dict.fromkeys(r["model"] for r in rows if "latency_ms" in r):
         rs = [r for r in rows if r["model"] == model]
         sk = next(r for r in rs if r["tool"] == "slimkit")
         peers = [r for r in rs if r["tool"] != "slimkit" and r["sqnr_db"] is not None]
@@ -185,16 +223,23 @@ def main() -> None:
         for name in QUICK if args.quick else FULL:
             rows += bench_model(name, args.quick, Path(tmp))
             print(f"done {name}", flush=True)
+        trained = [bench_trained(n, Path(tmp)) for n in ("digits_cnn", "shapes_cnn")]
+        accuracy = [r for rs in trained for r in rs]
     summary = summarise(rows)
     settings = {"calibration_samples": N_CALIB, "test_samples": N_TEST, "threads": 2,
                 "vnni": cpu_info()["vnni"]}  # fmt: skip
-    path = write_result("ptq", args, rows, settings, t0, summary=summary)
+    path = write_result("ptq", args, rows + accuracy, settings, t0, summary=summary)
     print_table("int8 PTQ on ONNX Runtime, batch 1 (SQNR vs float, random weights)",
                 [("model", "model"), ("method", "method"), ("tool", "tool"), ("ms", "latency_ms"),
                  ("SQNR dB", "sqnr_db"), ("tool s", "tool_s")], rows)  # fmt: skip
     print_table("slimkit vs peers", [("model", "model"), ("SQNR gain dB", "sqnr_gain_db"),
                 ("latency / fastest", "latency_vs_fastest"), ("x fp32", "speedup_vs_fp32"),
                 ("tool time / ORT", "tool_time_vs_ort")], summary)  # fmt: skip
+    for r in accuracy:
+        r["top1"] = r["metric"]["top1"]
+    print_table("trained zoo models: test top-1 as run in ONNX Runtime", [("model", "model"),
+                ("tool", "tool"), ("method", "method"), ("top-1", "top1"), ("tool s", "tool_s")],
+                accuracy)  # fmt: skip
     print(f"wrote {path}")
 
 
