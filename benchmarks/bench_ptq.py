@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import parser, print_table, start, write_result  # noqa: E402
 from slimkit.analyze.latency import measure_latency, ort_runner  # noqa: E402
 from slimkit.core.machine import cpu_info  # noqa: E402
-from slimkit.export.onnx import export_onnx  # noqa: E402
 from slimkit.export.ort import ort_session, run_session  # noqa: E402
+from slimkit.export.ort_dynamic import export_preprocessed  # noqa: E402
 from slimkit.export.qdq import export_quantized  # noqa: E402
 from slimkit.quant.ptq import PTQ, quantize_ptq  # noqa: E402
 from slimkit.testing.numerics import sqnr  # noqa: E402
@@ -88,14 +88,9 @@ def bench_model(name: str, quick: bool, tmp: Path) -> list[dict[str, Any]]:
     test_t = torch.cat([example_inputs(name, batch=1, seed=1000 + i)[0] for i in range(N_TEST)])
     with torch.no_grad():
         ref = model(test_t)
-    raw = tmp / f"{name}_raw.onnx"
-    export_onnx(model, raw, example_inputs=(calib_t[0],), input_names=["input"])
-    # ORT's documented pre-processing (shape inference, graph clean-up) before its quantizer:
-    # without it the exporter's shared initializers leave most convs in float (4 of 20 on ResNet)
-    fp32 = tmp / f"{name}_fp32.onnx"
-    from onnxruntime.quantization import quant_pre_process
-
-    quant_pre_process(str(raw), str(fp32), skip_symbolic_shape=True)
+    # ORT's documented pre-processing before its quantizer (without it the exporter's shared
+    # initializers leave most convs in float: 4 of 20 on ResNet)
+    fp32 = export_preprocessed(model, tmp / f"{name}_fp32.onnx", example_inputs=(calib_t[0],))
     calib = [x.numpy() for x in calib_t]
     variants: dict[str, dict[str, Any]] = {"fp32": {"tool": "onnxruntime", "path": fp32}}
 
@@ -163,11 +158,7 @@ def bench_trained(name: str, tmp: Path) -> list[dict[str, Any]]:
     model = pretrained(name, progress=False)
     calib_batches = task.calibration(n=N_CALIB * 8, batch_size=8)
     x1 = task.test.tensors[0][:1]
-    raw, fp32 = tmp / f"{name}_raw.onnx", tmp / f"{name}_fp32.onnx"
-    export_onnx(model, raw, example_inputs=(x1,), input_names=["input"])
-    from onnxruntime.quantization import quant_pre_process
-
-    quant_pre_process(str(raw), str(fp32), skip_symbolic_shape=True)
+    fp32 = export_preprocessed(model, tmp / f"{name}_fp32.onnx", example_inputs=(x1,))
     calib = [b.numpy() for b in calib_batches]
     rows = [{"model": name, "tool": "onnxruntime", "method": "fp32", "batch": 1,
              "metric": {"top1": evaluate(OrtModule(ort_session(fp32)), task)["top1"]}}]  # fmt: skip

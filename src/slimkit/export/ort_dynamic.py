@@ -13,6 +13,23 @@ from slimkit.core.io import atomic_path
 from slimkit.export.onnx import export_onnx
 
 
+def export_preprocessed(
+    model: nn.Module, path: str | Path, *, example_inputs: tuple[torch.Tensor, ...]
+) -> Path:
+    """Float ONNX after ORT's ``quant_pre_process`` (shape inference and clean-up), which ORT's
+    own quantizers need: without it the exporter's shared initializers keep most convs in float."""
+    import tempfile
+
+    from onnxruntime.quantization import quant_pre_process
+
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "raw.onnx"
+        export_onnx(model, raw, example_inputs=example_inputs, input_names=["input"])
+        with atomic_path(path) as out:
+            quant_pre_process(str(raw), str(out), skip_symbolic_shape=True)
+    return Path(path)
+
+
 def export_dynamic_int8(
     model: nn.Module,
     path: str | Path,
@@ -25,12 +42,10 @@ def export_dynamic_int8(
     """Export ``model`` (float) and quantize it dynamically with ORT; written atomically."""
     import tempfile
 
-    from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
+    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with tempfile.TemporaryDirectory() as tmp:
-        raw, pre = Path(tmp) / "raw.onnx", Path(tmp) / "pre.onnx"
-        export_onnx(model, raw, example_inputs=example_inputs)
-        quant_pre_process(str(raw), str(pre), skip_symbolic_shape=True)
+        pre = export_preprocessed(model, Path(tmp) / "pre.onnx", example_inputs=example_inputs)
         with atomic_path(path) as out:
             quantize_dynamic(
                 str(pre), str(out), per_channel=per_channel, reduce_range=reduce_range,

@@ -218,14 +218,7 @@ def gpt(
     n_head: int = 4,
     dropout: float = 0.0,
 ) -> GPT:
-    return GPT(
-        vocab_size=vocab_size,
-        seq_len=seq_len,
-        n_layer=n_layer,
-        d_model=d_model,
-        n_head=n_head,
-        dropout=dropout,
-    )
+    return GPT(**locals())  # every option, by name
 
 
 @MODELS.register(
@@ -246,16 +239,7 @@ def bert_encoder(
     num_classes: int | None = None,
     dropout: float = 0.1,
 ) -> Encoder:
-    return Encoder(
-        vocab_size=vocab_size,
-        seq_len=seq_len,
-        n_layer=n_layer,
-        d_model=d_model,
-        n_head=n_head,
-        d_ff=d_ff,
-        num_classes=num_classes,
-        dropout=dropout,
-    )
+    return Encoder(**locals())  # every option, by name
 
 
 @MODELS.register(
@@ -276,13 +260,4 @@ def text_classifier(
     num_classes: int | None = 8,
     dropout: float = 0.1,
 ) -> Encoder:
-    return Encoder(
-        vocab_size=vocab_size,
-        seq_len=seq_len,
-        n_layer=n_layer,
-        d_model=d_model,
-        n_head=n_head,
-        d_ff=d_ff,
-        num_classes=num_classes,
-        dropout=dropout,
-    )
+    return Encoder(**locals())  # every option, by name

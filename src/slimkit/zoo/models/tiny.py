@@ -162,14 +162,7 @@ def gpt_tiny(
     n_head: int = 4,
     dropout: float = 0.0,
 ) -> GPT:
-    return GPT(
-        vocab_size=vocab_size,
-        seq_len=seq_len,
-        n_layer=n_layer,
-        d_model=d_model,
-        n_head=n_head,
-        dropout=dropout,
-    )
+    return GPT(**locals())  # every option, by name
 
 
 @MODELS.register(
