@@ -25,6 +25,7 @@ _LAZY = {
     "prune": "slimkit.prune",  # callable package: sk.prune(model, sk.prune.Channel(...))
     "quant": "slimkit.quant",
     "measure_latency": "slimkit.analyze.latency:measure_latency",
+    "load": "slimkit.core.artifacts:load",
     "Scope": "slimkit.core.scope:Scope",
     "zoo": "slimkit.zoo",
     "errors": "slimkit.errors",
@@ -33,6 +34,7 @@ _LAZY = {
 if TYPE_CHECKING:  # pragma: no cover
     from slimkit import analyze, errors, prune, quant, zoo
     from slimkit.analyze.latency import measure_latency
+    from slimkit.core.artifacts import load
     from slimkit.core.scope import Scope
     from slimkit.export.onnx import export_onnx
     from slimkit.graph_opt.bn_fold import fold_bn
@@ -65,5 +67,6 @@ __all__ = [
     "quantize",
     "prune",
     "measure_latency",
+    "load",
     "zoo",
 ]

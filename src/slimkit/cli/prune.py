@@ -9,6 +9,7 @@ from typing import Any
 import typer
 
 from slimkit.cli._ui import console, emit_json, err_console, friendly_errors, table
+from slimkit.errors import ConfigError
 
 
 @friendly_errors
@@ -19,6 +20,19 @@ def prune_cmd(
     criterion: str = typer.Option("l1", help="l1 | l2 | bn | fpgm | random"),
     global_ranking: bool = typer.Option(False, help="rank channels across layers"),
     round_to: int = typer.Option(1, min=1, help="keep a multiple of this many channels"),
+    target_macs: float | None = typer.Option(
+        None, min=0.01, max=1.0, help="choose per-layer ratios to keep this fraction of MACs"
+    ),
+    target_params: float | None = typer.Option(
+        None, min=0.01, max=1.0, help="choose per-layer ratios to keep this fraction of params"
+    ),
+    target_speedup: float | None = typer.Option(
+        None, min=1.0, help="choose ratios until ORT runs this many times faster (measured)"
+    ),
+    allocation: str = typer.Option("uniform", help="uniform | sensitivity (with a target)"),
+    finetune_epochs: int = typer.Option(
+        0, min=0, help="fine-tune on the zoo task, distilling from the dense model"
+    ),
     exclude: list[str] = typer.Option([], help="regex of layers to leave untouched (repeat)"),
     weights: Path | None = typer.Option(None, help="safetensors weights for a factory model"),
     input_shape: str | None = typer.Option(None, help="e.g. 1,3,224,224 when slimkit can't know"),
@@ -27,7 +41,10 @@ def prune_cmd(
 ) -> None:
     """Remove channels (a smaller ordinary model), then compare params, MACs, latency, metric.
 
-    No fine-tuning happens here yet: the metric after pruning is the one-shot drop.
+    With --target-macs / --target-params / --target-speedup slimkit chooses the per-layer ratios
+    (--ratio is then ignored). With --finetune-epochs (zoo models with a task) the pruned model is
+    fine-tuned with response distillation from the dense one; otherwise the metric after pruning
+    is the one-shot drop.
     """
     from slimkit.analyze.latency import measure_latency, ort_runner
     from slimkit.analyze.profile import profile_model
@@ -37,15 +54,45 @@ def prune_cmd(
     from slimkit.export.onnx import export_onnx
     from slimkit.export.ort import ort_session
     from slimkit.prune import Channel, prune_channels, save_pruned
+    from slimkit.prune.auto import Target, prune_to_target
 
     configure_threads(2)
-    cfg = Channel(ratio=ratio, criterion=criterion, global_ranking=global_ranking,  # type: ignore[arg-type]
-                  round_to=round_to, exclude=list(exclude))  # fmt: skip
+    targets = {"macs": target_macs, "params": target_params, "speedup": target_speedup}
+    targets = {k: v for k, v in targets.items() if v is not None}
+    cfg = Channel(ratio=0.0 if targets else ratio, criterion=criterion,  # type: ignore[arg-type]
+                  global_ranking=global_ranking, round_to=round_to,
+                  exclude=list(exclude))  # fmt: skip
     shape = parse_shape(input_shape) if input_shape else None
     rm = resolve_model(model, weights=weights, input_shape=shape, progress=not json_out)
     x = rm.inputs(1)
-    with err_console.status("building the dependency graph and removing channels"):
-        small = prune_channels(rm.model, cfg, example_inputs=x)
+    task = None
+    if rm.task is not None:
+        from slimkit.zoo import evaluate, load_task
+
+        task = load_task(rm.task)
+    if targets:
+        tgt = Target(**targets, allocation=allocation, channel=cfg)  # type: ignore[arg-type]
+        calib = task.calibration(64) if task is not None and allocation != "uniform" else None
+        with err_console.status("searching per-layer ratios") as st:
+            small = prune_to_target(rm.model, tgt, example_inputs=x, data=calib,
+                                    on_step=lambda m: st.update(f"searching: {m}"))  # fmt: skip
+        what = ", ".join(f"target {k} {v:g}" for k, v in targets.items())
+    else:
+        with err_console.status("building the dependency graph and removing channels"):
+            small = prune_channels(rm.model, cfg, example_inputs=x)
+        what = f"{ratio:.0%} of channels removed ({criterion})"
+    oneshot = None
+    if finetune_epochs:
+        if task is None:
+            raise ConfigError(
+                "--finetune-epochs needs a model with a bundled task (a trained zoo model)",
+                fix="fine-tune in Python with slimkit.prune.recover(model, loader, teacher=dense)",
+            )
+        from slimkit.prune import recover
+
+        oneshot = evaluate(small, task)
+        recover(small, task.loader("train", 64, shuffle=True), teacher=rm.model,
+                epochs=finetune_epochs, lr=1e-3, progress=not json_out)  # fmt: skip
     save_pruned(small, out)
     rep = export_onnx(small, out / "model.onnx", example_inputs=x)
     before, after = profile_model(rm.model, x), profile_model(small, x)
@@ -56,13 +103,12 @@ def prune_cmd(
         with err_console.status("timing ONNX Runtime, dense vs pruned"):
             lat = measure_latency(runners, runs=runs, warmup=5, rounds=3)
     metrics: dict[str, Any] = {}
-    if rm.task is not None:
-        from slimkit.zoo import evaluate, load_task
-
-        task = load_task(rm.task)
+    if task is not None:
         metrics = {"dense": evaluate(rm.model, task), "pruned": evaluate(small, task)}
+        if oneshot is not None:
+            metrics["pruned_before_finetuning"] = oneshot
     result = {
-        "model": model, "config": cfg.to_dict(),
+        "model": model, "config": cfg.to_dict(), "targets": targets,
         "params": {"dense": before.total_params, "pruned": after.total_params},
         "macs": {"dense": before.total_macs, "pruned": after.total_macs},
         "latency_ms": {k: v.to_dict() for k, v in lat.items()},
@@ -80,9 +126,9 @@ def prune_cmd(
         ["ORT latency, batch 1 (ms)", d_ms, p_ms],
         ["speed-up", 1.0, d_ms / p_ms],
     ]
+    tuned = f"{finetune_epochs} epochs of fine-tuning" if finetune_epochs else "no fine-tuning"
     for k in ("top1", "perplexity"):
         if metrics and k in metrics["dense"]:
-            rows.append([f"test {k} (no fine-tuning)", metrics["dense"][k], metrics["pruned"][k]])
-    console.print(table(f"{rm.name}: {ratio:.0%} of channels removed ({criterion})",
-                        ["", "dense", "pruned"], rows))  # fmt: skip
+            rows.append([f"test {k} ({tuned})", metrics["dense"][k], metrics["pruned"][k]])
+    console.print(table(f"{rm.name}: {what}", ["", "dense", "pruned"], rows))
     console.print(f"[dim]artifact in {out}/ (model.safetensors, pruning.json, model.onnx)[/]")

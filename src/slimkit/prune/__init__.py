@@ -8,20 +8,35 @@ is also the verb: ``sk.prune(model, sk.prune.Channel(ratio=0.5), example_inputs=
 
 from slimkit.core.verbs import make_callable
 from slimkit.prune.artifact import load_pruned, save_pruned
+from slimkit.prune.auto import Target, prune_to_target
+from slimkit.prune.blocks import Drop, drop_blocks
 from slimkit.prune.channel import (
     Channel,
     apply_slices,
+    group_widths,
     plan_channels,
     prune_channels,
     pruning_record,
 )
 from slimkit.prune.depgraph import DepGraph, Group, Member, build_depgraph
+from slimkit.prune.hf_attention import sync_head_counts
 from slimkit.prune.recover import distillation_loss, recover
+from slimkit.prune.schedule import prune_iterative
+from slimkit.prune.slimming import slimming_loss, slimming_train
 from slimkit.prune.unstructured import NM, Magnitude, finalize, prune_magnitude, prune_nm, sparsity
 
 __all__ = [
+    "Drop",
+    "Target",
+    "drop_blocks",
+    "prune_iterative",
+    "prune_to_target",
+    "slimming_loss",
+    "slimming_train",
+    "sync_head_counts",
     "NM",
     "Channel",
+    "group_widths",
     "Magnitude",
     "distillation_loss",
     "finalize",

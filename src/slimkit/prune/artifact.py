@@ -1,8 +1,10 @@
 """Save a pruned model as plain files and reload it into a fresh copy of the original architecture.
 
 The directory holds ``model.safetensors`` (the pruned weights) and ``pruning.json`` (for every
-tensor that lost channels, the positions kept along each dimension). ``load_pruned`` replays those
-slices on the original model and then loads the weights; no pickle is involved::
+tensor that lost channels, the positions kept along each dimension, and for attention modules that
+store their head count, such as Hugging Face BERT's, the head-count attributes after pruning).
+``load_pruned`` replays those slices on the original model, sets and checks those attributes, and
+then loads the weights; no pickle is involved::
 
     save_pruned(small, "out/")
     small = load_pruned("out/", model=create_original())
@@ -21,6 +23,7 @@ from torch.nn.utils import parametrize
 from slimkit.core.io import PathLike, load_into, load_weights, save_weights, write_json
 from slimkit.errors import CheckpointError
 from slimkit.prune.channel import Slices, apply_slices, pruning_record, set_record
+from slimkit.prune.hf_attention import head_counts, sync_head_counts
 
 FORMAT = 1
 
@@ -29,7 +32,11 @@ def save_pruned(model: nn.Module, directory: PathLike) -> Path:
     """Write ``model.safetensors`` and ``pruning.json`` into ``directory`` (atomically, each)."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    record = pruning_record(model) or {"method": "none", "slices": {}}
+    record = dict(pruning_record(model) or {"method": "none", "slices": {}})
+    # the head counts the pruned tensors imply (whether or not the modules were synced)
+    attributes = head_counts(model, record.get("slices", {}))
+    if attributes:
+        record["attributes"] = attributes
     save_weights(baked_state_dict(model), out / "model.safetensors", metadata={"slimkit": "pruned"})
     write_json(out / "pruning.json", {"format": FORMAT, **record})
     return out
@@ -76,12 +83,34 @@ def load_pruned(directory: PathLike, *, model: nn.Module) -> nn.Module:
     out = copy.deepcopy(model)
     try:
         apply_slices(out, slices)
+        dropped = record.get("dropped", [])
+        assert isinstance(dropped, list)
+        if dropped:
+            from slimkit.prune.blocks import replace_with_dropped
+
+            replace_with_dropped(out, [str(n) for n in dropped])
     except (AttributeError, IndexError, RuntimeError) as e:
         raise CheckpointError(
             f"the pruning record in {str(d)!r} does not fit {type(model).__name__} ({e})",
             fix="pass model= a fresh instance of the architecture that was pruned",
         ) from None
+    _set_attributes(out, slices, record.get("attributes", {}), d)
     load_into(out, load_weights(d / "model.safetensors"))
     rec = {k: v for k, v in record.items() if k != "format"}
     set_record(out, rec)
     return out
+
+
+def _set_attributes(model: nn.Module, slices: Slices, recorded: object, directory: Path) -> None:
+    """Bring head-count attributes in step with the sliced tensors; they must agree with the
+    record (a record that disagrees was written for another architecture)."""
+    derived = sync_head_counts(model, slices)
+    if not isinstance(recorded, dict):
+        recorded = {}
+    for name, attrs in recorded.items():
+        if derived.get(name) != attrs:
+            raise CheckpointError(
+                f"the pruning record in {str(directory)!r} gives module {name!r} the attributes "
+                f"{attrs}, but its sliced weights imply {derived.get(name)}",
+                fix="pass model= a fresh instance of the architecture that was pruned",
+            )

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,8 +33,9 @@ from torch import nn
 from slimkit.core.config import Config
 from slimkit.core.registry import METHODS
 from slimkit.core.scope import Scope
-from slimkit.errors import UnsupportedError
+from slimkit.errors import ConfigError, UnsupportedError
 from slimkit.prune.depgraph import DepGraph, Group, build_depgraph
+from slimkit.prune.hf_attention import sync_head_counts
 from slimkit.prune.importance import Criterion, LossFn, group_importance, taylor_saliency
 
 _OUTPUT = "reaches the model output"
@@ -44,6 +46,9 @@ class Channel(Config):
     """Remove a fraction of the units (channels, heads) of every prunable group."""
 
     ratio: float = Field(0.5, ge=0.0, lt=1.0)  # fraction of units removed (per group, or overall)
+    ratios: dict[str, float] = Field(
+        default_factory=dict
+    )  # per layer: regex of a producer -> ratio
     criterion: Criterion = "l1"  # l1, l2, bn, taylor (needs data), fpgm, random
     global_ranking: bool = False  # rank units across all groups instead of within each
     round_to: int = Field(1, ge=1)  # kept channels rounded up to a multiple (8 suits SIMD)
@@ -115,6 +120,21 @@ def _check_explicit(model: nn.Module, graph: DepGraph, scope: Scope) -> None:
             )
 
 
+def group_key(g: Group) -> str:
+    """A name for a group that survives pruning: its first producing layer (and the kind)."""
+    outs = g.modules("out")
+    name = outs[0] if outs else f"#{g.gid}"
+    return f"heads of {name}" if g.kind == "head" else name
+
+
+def _ratio(g: Group, cfg: Channel) -> float:
+    """``cfg.ratios``' first pattern matching one of the group's producers, else ``cfg.ratio``."""
+    for pattern, r in cfg.ratios.items():
+        if any(re.fullmatch(pattern, n) for n in g.modules("out")):
+            return r
+    return cfg.ratio
+
+
 def _keep(g: Group, n_keep: int, cfg: Channel) -> int:
     if g.kind == "channel" and cfg.round_to > 1:
         n_keep = math.ceil(n_keep / cfg.round_to) * cfg.round_to
@@ -130,9 +150,18 @@ def plan_channels(
     data: Iterable[Any] | None = None,
     scope: Scope | None = None,
     loss_fn: LossFn | None = None,
+    widths: Mapping[str, int] | None = None,
 ) -> ChannelPlan:
-    """Which units of which groups ``prune_channels`` would remove (the model is not modified)."""
+    """Which units of which groups ``prune_channels`` would remove (the model is not modified).
+
+    ``widths`` (group key -> units kept, see :func:`group_key`) overrides the ratios for the groups
+    it names: schedules and automatic ratios use it to ask for exact widths."""
     cfg = config or Channel()
+    for pattern, r in cfg.ratios.items():
+        if not 0 <= r < 1:
+            raise ConfigError(
+                f"ratios[{pattern!r}] = {r} is not in [0, 1)", fix="use a fraction like 0.5"
+            )
     graph = build_depgraph(model, tuple(example_inputs))
     sc = _merge(scope, cfg)
     _check_explicit(model, graph, sc)
@@ -142,7 +171,14 @@ def plan_channels(
         graph, skipped=[f"{g.describe()}: {'; '.join(g.reasons)}" for g in graph.unprunable()]
     )
     groups = [g for g in graph.groups if _eligible(g, model, sc, cfg)]
-    if not groups or cfg.ratio == 0:
+    if widths is not None:
+        unknown = sorted(set(widths) - {group_key(g) for g in groups})
+        if unknown:
+            raise ConfigError(
+                f"widths names groups that are not prunable here: {unknown[:3]}",
+                fix="use the keys of group_widths(model, example_inputs)",
+            )
+    if not groups or (cfg.ratio == 0 and not cfg.ratios and not widths):
         return plan
     saliency = None
     if cfg.criterion == "taylor":
@@ -152,9 +188,12 @@ def plan_channels(
         g.gid: group_importance(model, g, cfg.criterion, saliency=saliency, generator=gen)
         for g in groups
     }
-    if not cfg.global_ranking:
+    if not cfg.global_ranking or widths:
         for g in groups:
-            n_keep = _keep(g, g.units - int(g.units * cfg.ratio), cfg)
+            if widths and group_key(g) in widths:
+                n_keep = max(1, min(g.units, widths[group_key(g)]))
+            else:
+                n_keep = _keep(g, g.units - int(g.units * _ratio(g, cfg)), cfg)
             order = torch.argsort(scores[g.gid], stable=True).tolist()
             plan.remove[g.gid] = sorted(order[: g.units - n_keep])
         plan.remove = {gid: r for gid, r in plan.remove.items() if r}
@@ -226,6 +265,7 @@ def apply_slices(model: nn.Module, slices: Slices) -> nn.Module:
         touched.add(owner)
     for owner in touched:
         _fix_attributes(model.get_submodule(owner))
+    sync_head_counts(model, slices)
     return model
 
 
@@ -238,26 +278,85 @@ def prune_channels(
     data: Iterable[Any] | None = None,
     scope: Scope | None = None,
     loss_fn: LossFn | None = None,
+    widths: Mapping[str, int] | None = None,
 ) -> nn.Module:
     """A smaller copy of ``model`` (the original is not modified); ``pruning_record(result)`` holds
-    the kept indices per tensor, which ``save_pruned`` / ``load_pruned`` replay."""
+    the kept indices per tensor, which ``save_pruned`` / ``load_pruned`` replay.
+
+    Pruning an already pruned model composes the records, so the result still reloads into the
+    original architecture (iterative schedules rely on this). ``widths`` asks for exact widths per
+    group (see :func:`group_widths`)."""
     cfg = config or Channel()
-    inputs = (
-        (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    )
+    inputs = _as_inputs(example_inputs)
     out = copy.deepcopy(model)
-    plan = plan_channels(out, cfg, example_inputs=inputs, data=data, scope=scope, loss_fn=loss_fn)
+    plan = plan_channels(
+        out, cfg, example_inputs=inputs, data=data, scope=scope, loss_fn=loss_fn, widths=widths
+    )
     slices = plan.slices(out)
     apply_slices(out, slices)
     out.zero_grad(set_to_none=True)
+    previous = pruning_record(model)
+    if previous and previous.get("slices"):
+        slices = compose_slices(_decode(previous["slices"]), slices)
     record = {
         "method": "prune.channel",
         "config": cfg.to_dict(),
         "slices": {k: {str(d): v for d, v in dims.items()} for k, dims in slices.items()},
         "skipped": plan.skipped,
     }
+    if previous and previous.get("dropped"):
+        record["dropped"] = previous["dropped"]  # blocks dropped earlier (prune/blocks.py)
     set_record(out, record)
     return out
+
+
+def _as_inputs(example_inputs: Sequence[torch.Tensor] | torch.Tensor) -> tuple[torch.Tensor, ...]:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    return tuple(example_inputs)
+
+
+def _decode(raw: Mapping[str, Mapping[Any, Sequence[int]]]) -> Slices:
+    return {k: {int(d): list(v) for d, v in dims.items()} for k, dims in raw.items()}
+
+
+def compose_slices(first: Slices, then: Slices) -> Slices:
+    """The slicing equal to applying ``first`` and then ``then`` (positions of the original)."""
+    out: Slices = {k: dict(dims) for k, dims in first.items()}
+    for fqn, dims in then.items():
+        for d, kept in dims.items():
+            before = out.get(fqn, {}).get(d)
+            out.setdefault(fqn, {})[d] = [before[p] for p in kept] if before else list(kept)
+    return out
+
+
+def eligible_groups(
+    model: nn.Module,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor,
+    config: Channel | None = None,
+    *,
+    scope: Scope | None = None,
+) -> tuple[DepGraph, list[Group]]:
+    """The dependency graph and the groups ``config`` (and ``scope``) allow pruning."""
+    cfg = config or Channel()
+    graph = build_depgraph(model, _as_inputs(example_inputs))
+    sc = _merge(scope, cfg)
+    _check_explicit(model, graph, sc)
+    if sc.include or sc.exclude or sc.types:
+        sc.select(model)
+    return graph, [g for g in graph.groups if _eligible(g, model, sc, cfg)]
+
+
+def group_widths(
+    model: nn.Module,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor,
+    config: Channel | None = None,
+    *,
+    scope: Scope | None = None,
+) -> dict[str, int]:
+    """The current width (units) of every group that ``config`` would prune, by group key."""
+    _, groups = eligible_groups(model, example_inputs, config, scope=scope)
+    return {group_key(g): g.units for g in groups}
 
 
 def set_record(model: nn.Module, record: dict[str, Any]) -> None:

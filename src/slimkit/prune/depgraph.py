@@ -5,7 +5,10 @@ the BatchNorm entries of that channel, the partner channel of a residual add, an
 :class:`Group` collects every ``(module, param, dim, positions)`` that moves together; pruning
 removes whole *units* of a group (a channel, or an attention head of ``head_dim`` rows).
 
-The graph is built on slimkit's fx capture with shapes from ``ShapeProp``. Each traced tensor
+The graph is built on slimkit's fx capture with shapes from ``ShapeProp``; a model fx cannot trace
+(Hugging Face transformers, say) is captured with ``torch.export`` on the example inputs instead,
+where layers appear as aten ops (``aten.linear`` on a Linear's weight) and an attention head shows
+up as a view that splits a projection's width into (heads, head_dim). Each traced tensor
 carries a *layout*: for the dimensions that hold prunable channels, the segments (group, units,
 positions per unit) laid end to end along that dimension, so ``torch.cat`` shifts offsets and a
 flatten of (C, H, W) into a Linear gives each channel H*W consecutive columns. An op the builder
@@ -21,15 +24,16 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any, cast
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, cast
 
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from slimkit.core.graph import capture
-from slimkit.errors import DataError
+from slimkit.errors import DataError, GraphCaptureError
+from slimkit.prune.hf_attention import HEAD_COUNT_ATTRS, head_layout
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -46,14 +50,28 @@ _PASS_FUNCS = {
     "sqrt", "rsqrt", "clamp", "clamp_min", "clamp_max", "hardtanh", "float", "to", "type_as",
     "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
     "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool2d",
-    "interpolate", "pow", "square",
+    "interpolate", "pow", "square", "_to_copy", "alias",
 }  # fmt: skip
 _ELEMENTWISE = {
     "add", "sub", "mul", "truediv", "div", "iadd", "isub", "imul", "itruediv", "add_", "mul_",
-    "sub_", "maximum", "minimum", "where", "masked_fill", "floordiv",
+    "sub_", "maximum", "minimum", "where", "masked_fill", "floordiv", "rsub",
 }  # fmt: skip
-_SHAPE_QUERIES = {"size", "dim", "getattr", "numel"}
-HEAD_COUNT_ATTRS = ("num_heads", "n_head", "n_heads", "num_attention_heads")
+_SHAPE_QUERIES = {
+    "size", "dim", "getattr", "numel", "sym_size", "sym_numel", "sym_stride",
+    "_assert_tensor_metadata", "_assert_scalar",
+}  # fmt: skip
+# aten ops of a torch.export graph that stand for a call of a layer: (layer types, index of the
+# weight argument, index of the input argument); the layer is the innermost module on the stack
+_LAYER_OPS: dict[str, tuple[tuple[type[nn.Module], ...], int, int]] = {
+    "linear": ((nn.Linear,), 1, 0),
+    "conv1d": (_CONVS, 1, 0),
+    "conv2d": (_CONVS, 1, 0),
+    "conv3d": (_CONVS, 1, 0),
+    "embedding": ((nn.Embedding,), 0, 1),
+    "layer_norm": ((nn.LayerNorm,), 2, 0),
+    "group_norm": ((nn.GroupNorm,), 2, 0),
+    "batch_norm": (_BNS, 1, 0),
+}
 
 
 @dataclass(frozen=True)
@@ -142,9 +160,11 @@ def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 class _Builder:
-    def __init__(self, gm: fx.GraphModule, attn: dict[str, nn.Module]) -> None:
+    def __init__(self, gm: fx.GraphModule, attn: dict[str, nn.Module], model: nn.Module) -> None:
         self.gm = gm
-        self.modules = dict(gm.named_modules())
+        self.modules = dict(gm.named_modules())  # call_module targets
+        self.owners = dict(model.named_modules())  # the model's layers, by qualified name
+        self.top = type(model).__name__
         self.attn = attn
         self.parent: dict[int, int] = {}
         self.groups: dict[int, Group] = {}
@@ -178,6 +198,21 @@ class _Builder:
         del self.groups[rb]
         return ra
 
+    def coarsen(self, gid: int, factor: int) -> None:
+        """Make every ``factor`` consecutive units of a group one unit (a head of channels)."""
+        root = self.find(gid)
+        g = self.groups[root]
+        g.units //= factor
+        g.kind = "head"
+        g.members = [replace(m, expand=m.expand * factor) for m in g.members]
+        for lay in self.lay.values():
+            for d, segs in lay.items():
+                lay[d] = [
+                    (s, u // factor, e * factor) if s is not None and self.find(s) == root else
+                    (s, u, e)
+                    for s, u, e in segs
+                ]  # fmt: skip
+
     def add(self, gid: int | None, member: Member) -> None:
         if gid is not None:
             self.groups[self.find(gid)].members.append(member)
@@ -197,11 +232,18 @@ class _Builder:
         meta = n.meta.get("tensor_meta") if isinstance(n, fx.Node) else None
         return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
-    def where(self, node: fx.Node) -> str:
+    @staticmethod
+    def scope(node: fx.Node) -> str:
+        """The innermost module whose forward emitted ``node`` ("" at the top level)."""
         stack = node.meta.get("nn_module_stack") or {}
-        mod = next(reversed(stack)) if stack else (node.target if node.op == "call_module" else "")
-        name = node.target if isinstance(node.target, str) else node.target.__name__  # type: ignore[union-attr]
-        return f"{name!s} at node {node.name!r} in module {mod or type(self.gm).__name__!r}"
+        if not stack:
+            return str(node.target) if node.op == "call_module" else ""
+        key, value = next(reversed(stack.items()))
+        return str(value[0]) if isinstance(value, tuple) else str(key)  # export: (path, type)
+
+    def where(self, node: fx.Node) -> str:
+        mod = self.scope(node)
+        return f"{_op_name(node.target)} at node {node.name!r} in module {mod or self.top!r}"
 
     def inputs(self, node: fx.Node) -> Iterator[fx.Node]:
         for a in node.all_input_nodes:
@@ -254,8 +296,21 @@ class _Builder:
 
     def call_module(self, node: fx.Node) -> None:
         name = str(node.target)
-        m = self.modules[name]
-        x = node.args[0] if node.args else None
+        self.layer(node, name, self.modules[name], node.args[0] if node.args else None)
+
+    def layer_op(self, node: fx.Node, fname: str) -> None:
+        """An aten op of a torch.export graph that is the call of one of the model's layers."""
+        types, w_at, x_at = _LAYER_OPS[fname]
+        name = self.scope(node)
+        m = self.owners.get(name)
+        w = node.args[w_at] if len(node.args) > w_at else None
+        weight = f"{name}.weight" if name else "weight"
+        own = w.target == weight if isinstance(w, fx.Node) else w is getattr(m, "weight", 0)
+        if not (isinstance(m, types) and own):  # (a BatchNorm without affine has weight None)
+            return self.fail_inputs(node, f"{fname} on a weight that is not its layer's")
+        return self.layer(node, name, m, node.args[x_at])
+
+    def layer(self, node: fx.Node, name: str, m: nn.Module, x: Any) -> None:
         lay = self.lay.get(x, {}) if isinstance(x, fx.Node) else {}
         shape = self.shape(x)
         if name in self.attn:
@@ -386,13 +441,25 @@ class _Builder:
     # -- functions and methods ------------------------------------------------------------------
     def call_function(self, node: fx.Node) -> None:
         t = node.target
-        fname = t if isinstance(t, str) else getattr(t, "__name__", str(t))
+        fname = _op_name(t)
         args, kw = node.args, node.kwargs
         x = args[0] if args else kw.get("input")
         if fname in _SHAPE_QUERIES:
             return None
         if self.shape(node) is None and fname != "getitem":  # a tuple (chunk, split, max)
             return self.fail_inputs(node, f"returns several tensors from {fname}")
+        if fname in _LAYER_OPS and isinstance(t, torch._ops.OpOverload):
+            return self.layer_op(node, fname)
+        if fname in ("matmul", "bmm", "mm"):
+            return self.matmul(node)
+        if fname == "scaled_dot_product_attention":
+            return self.sdpa(node)
+        if fname == "select":
+            return self.select(node, x)
+        if fname == "slice":
+            return self.slice(node, x)
+        if fname == "expand":
+            return self.expand(node, x)
         if fname in _PASS_FUNCS:
             return self.pass_through(node, x)
         if fname in _ELEMENTWISE or t in (operator.add, operator.mul, operator.sub):
@@ -401,21 +468,27 @@ class _Builder:
             start = args[1] if len(args) > 1 else kw.get("start_dim", 0)
             end = args[2] if len(args) > 2 else kw.get("end_dim", -1)
             return self.flatten(node, x, int(start), int(end))  # type: ignore[arg-type]
-        if fname in ("view", "reshape"):
+        if fname in ("view", "reshape", "_unsafe_view"):
             shape_args = args[1:]
             if len(shape_args) == 1 and isinstance(shape_args[0], (tuple, list)):
                 shape_args = tuple(shape_args[0])
             return self.reshape(node, x, list(shape_args))
+        if fname == "unflatten":  # sizes as a view of the whole shape would give them
+            in_shape = self.shape(x)
+            if in_shape is not None:
+                at = int(cast(int, args[1])) % len(in_shape)
+                sizes = [None] * at + list(cast(Sequence[Any], args[2]))
+                return self.reshape(node, x, sizes + [None] * (len(in_shape) - at - 1))
         if fname in ("permute", "transpose", "swapaxes", "t", "movedim", "unsqueeze", "squeeze"):
             return self.move_dims(node, x, fname)
         if fname in ("cat", "concat", "concatenate"):
             return self.cat(node)
         if fname in ("mean", "sum", "amax", "amin", "max", "min", "prod", "std", "var"):
             return self.reduce(node, x, fname)
-        if fname in ("softmax", "log_softmax"):
+        if fname in ("softmax", "log_softmax", "_softmax", "_log_softmax"):
             dim = args[1] if len(args) > 1 else kw.get("dim")
             return self.softmax(node, x, dim)
-        if fname == "pad":
+        if fname in ("pad", "constant_pad_nd"):
             return self.pad(node, x)
         if fname == "getitem":
             return self.getitem(node, x)
@@ -424,55 +497,142 @@ class _Builder:
     def elementwise(self, node: fx.Node) -> None:
         out_shape = self.shape(node)
         assert out_shape is not None
+        out: Layout = {}
+        for d in range(len(out_shape)):
+            segs = self.join(node, self.broadcast(node.all_input_nodes, d, len(out_shape)))
+            if segs:
+                out[d] = segs
+        self.lay[node] = out
+
+    def broadcast(self, ops: Sequence[Any], d: int, rank: int) -> list[tuple[fx.Node, int]]:
+        """The (operand, its dim) that output dim ``d`` of a broadcasting op of ``rank`` reads."""
+        parts = []
+        for a in ops:
+            sa = self.shape(a)
+            da = d - (rank - len(sa)) if sa is not None else -1
+            if sa is not None and da >= 0 and sa[da] != 1:
+                parts.append((a, da))
+        return parts
+
+    def join(self, node: fx.Node, parts: Sequence[tuple[fx.Node, int]]) -> list[Seg] | None:
+        """Couple the channels that meet at one dim of ``node`` (an add, a matmul's batch dim)."""
+        tracked = [self.lay[a][da] for a, da in parts if a in self.lay and da in self.lay[a]]
+        if not tracked:
+            return None
+        first = tracked[0]
+        for a, da in parts:
+            if a in self.lay and da in self.lay[a]:
+                continue
+            if a.op == "get_attr":  # a per-channel parameter or buffer: prune it too
+                owner, _, attr = str(a.target).rpartition(".")
+                off = 0
+                for gid, units, expand in first:
+                    self.add(gid, Member(owner, attr, da, off, expand, "norm"))
+                    off += units * expand
+            else:
+                self.fail({0: first}, f"combined with a fixed-width tensor: {self.where(node)}")
+        for segs in tracked[1:]:
+            if [(u, e) for _, u, e in segs] != [(u, e) for _, u, e in first]:
+                self.fail(
+                    {0: first + segs}, f"adds differently laid-out channels: {self.where(node)}"
+                )
+                continue
+            for (g1, _, _), (g2, _, _) in zip(first, segs, strict=True):
+                if g1 is None or g2 is None:
+                    if g1 != g2:
+                        self.fail(
+                            {0: first + segs}, f"combined with fixed channels: {self.where(node)}"
+                        )
+                else:
+                    self.union(g1, g2, self.where(node))
+        return first
+
+    def fail_dims(self, node: fx.Node, x: Any, dims: Sequence[int], what: str) -> None:
+        """Refuse the channels at ``dims`` (negative counts from the end) of operand ``x``."""
+        shape = self.shape(x)
+        if shape is not None and x in self.lay:
+            self.fail(self.lay[x], f"{what}: {self.where(node)}", [d % len(shape) for d in dims])
+
+    def tail(self, x: Any, d: int) -> list[Seg] | None:
+        """The layout of dim ``d`` (negative: from the end) of ``x``, if it holds channels."""
+        shape = self.shape(x)
+        if shape is None or not isinstance(x, fx.Node) or x not in self.lay:
+            return None
+        return self.lay[x].get(d % len(shape))
+
+    def matmul(self, node: fx.Node) -> None:
+        a, b = node.args[0], node.args[1]
+        sa, sb, out_shape = self.shape(a), self.shape(b), self.shape(node)
+        assert out_shape is not None
+        if sa is None or sb is None or len(sa) < 2 or len(sb) < 2:
+            return self.fail_inputs(node, "matmul with a vector")
+        self.fail_dims(node, a, [-1], "matmul sums over channels")
+        self.fail_dims(node, b, [-2], "matmul sums over channels")
         rank = len(out_shape)
         out: Layout = {}
-        ops = [a for a in node.all_input_nodes if self.shape(a) is not None]
-        for d in range(rank):
-            tracked: list[tuple[fx.Node, list[Seg]]] = []
-            fixed: list[fx.Node] = []
-            for a in ops:
-                sa = self.shape(a)
-                assert sa is not None
-                da = d - (rank - len(sa))
-                if da < 0 or sa[da] == 1:
-                    continue
-                if a in self.lay and da in self.lay[a]:
-                    tracked.append((a, self.lay[a][da]))
-                else:
-                    fixed.append(a)
-            if not tracked:
-                continue
-            first = tracked[0][1]
-            for a in fixed:
-                if a.op == "get_attr":  # a per-channel parameter or buffer: prune it too
-                    sa = self.shape(a)
-                    assert sa is not None
-                    owner, _, attr = str(a.target).rpartition(".")
-                    off = 0
-                    for gid, units, expand in first:
-                        self.add(
-                            gid, Member(owner, attr, d - (rank - len(sa)), off, expand, "norm")
-                        )
-                        off += units * expand
-                else:
-                    self.fail({0: first}, f"combined with a fixed-width tensor: {self.where(node)}")
-            for _, segs in tracked[1:]:
-                if [(u, e) for _, u, e in segs] != [(u, e) for _, u, e in first]:
-                    self.fail(
-                        {0: first + segs}, f"adds differently laid-out channels: {self.where(node)}"
-                    )
-                    continue
-                for (g1, _, _), (g2, _, _) in zip(first, segs, strict=True):
-                    if g1 is None or g2 is None:
-                        if g1 != g2:
-                            self.fail(
-                                {0: first + segs},
-                                f"combined with fixed channels: {self.where(node)}",
-                            )
-                    else:
-                        self.union(g1, g2, self.where(node))
-            out[d] = first
+        for d in range(rank - 2):  # batch dims broadcast like an elementwise op
+            segs = self.join(node, self.broadcast([a, b], d, rank))
+            if segs:
+                out[d] = segs
+        for d, (t, td) in ((rank - 2, (a, -2)), (rank - 1, (b, -1))):
+            segs = self.tail(t, td)
+            if segs:
+                out[d] = segs
         self.lay[node] = out
+
+    def sdpa(self, node: fx.Node) -> None:
+        """``scaled_dot_product_attention(q, k, v, mask)``: heads are a batch dim shared by q, k
+        and v; q·k sums over q's and k's last dim and the softmax mixes k's and v's positions."""
+        q, k, v = node.args[:3]
+        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+        out_shape = self.shape(node)
+        assert out_shape is not None
+        if node.kwargs.get("enable_gqa"):
+            return self.fail_inputs(node, "grouped-query attention")
+        self.fail_dims(node, q, [-1], "attention sums over channels")
+        self.fail_dims(node, k, [-1, -2], "attention sums over channels")
+        self.fail_dims(node, v, [-2], "attention mixes positions")
+        rank = len(out_shape)
+        ops = [t for t in (q, k, v, mask) if isinstance(t, fx.Node)]
+        out: Layout = {}
+        for d in range(rank - 2):
+            segs = self.join(node, self.broadcast(ops, d, rank))
+            if segs:
+                out[d] = segs
+        for d, (t, td) in ((rank - 2, (q, -2)), (rank - 1, (v, -1))):
+            segs = self.tail(t, td)
+            if segs:
+                out[d] = segs
+        self.lay[node] = out
+
+    def select(self, node: fx.Node, x: Any) -> None:
+        """``aten.select(x, dim, index)``, i.e. ``x[:, i]``: drops ``dim``."""
+        shape = self.shape(x)
+        if shape is None or x not in self.lay:
+            return None
+        dim = int(cast(int, node.args[1])) % len(shape)
+        self.fail(self.lay[x], f"indexes into channels: {self.where(node)}", [dim])
+        self.lay[node] = {d - (d > dim): s for d, s in self.lay[x].items() if d != dim}
+
+    def slice(self, node: fx.Node, x: Any) -> None:
+        """``aten.slice(x, dim, start, end)``: channels survive only a slice that keeps them all."""
+        shape, out_shape = self.shape(x), self.shape(node)
+        if shape is None or out_shape is None or x not in self.lay:
+            return None
+        dim = int(cast(int, node.args[1] if len(node.args) > 1 else 0)) % len(shape)
+        if out_shape[dim] != shape[dim]:
+            self.fail(self.lay[x], f"slices channels: {self.where(node)}", [dim])
+        self.pass_through(node, x)
+
+    def expand(self, node: fx.Node, x: Any) -> None:
+        """``x.expand(...)`` adds leading dims and repeats size-1 dims, which hold no channels."""
+        shape, out_shape = self.shape(x), self.shape(node)
+        if shape is None or out_shape is None or x not in self.lay:
+            return None
+        shift = len(out_shape) - len(shape)
+        grown = [d for d in self.lay[x] if out_shape[d + shift] != shape[d]]
+        self.fail(self.lay[x], f"repeats channels: {self.where(node)}", grown)
+        self.lay[node] = {d + shift: s for d, s in self.lay[x].items() if d not in grown}
 
     def flatten(self, node: fx.Node, x: Any, start: int, end: int) -> None:
         shape = self.shape(x)
@@ -498,17 +658,22 @@ class _Builder:
         if shape is None or out_shape is None or x not in self.lay:
             return None
         out: Layout = {}
-        for d, segs in self.lay[x].items():
+        for d, segs in list(self.lay[x].items()):
             pre, post = math.prod(shape[:d]), math.prod(shape[d + 1 :])
             # the channel dim survives as the outer part of an output dim whose prefix matches
             acc, od = 1, 0
             while od < len(out_shape) and acc < pre:
                 acc *= out_shape[od]
                 od += 1
-            ok = acc == pre and od < len(out_shape) and out_shape[od] % shape[d] == 0
-            inner = out_shape[od] // shape[d] if ok else 0
-            ok = ok and math.prod(out_shape[od + 1 :]) * inner == post
-            if not ok:
+            while acc == pre and od + 1 < len(out_shape) and out_shape[od] == 1 < shape[d]:
+                od += 1  # a size-1 dim inserted before the channels
+            ok = acc == pre and od < len(out_shape)
+            width = out_shape[od] if ok else 0
+            merge = ok and width % shape[d] == 0
+            merge = merge and math.prod(out_shape[od + 1 :]) * (width // shape[d]) == post
+            split = ok and not merge and shape[d] % width == 0
+            split = split and math.prod(out_shape[od + 1 :]) == shape[d] // width * post
+            if not (merge or split):
                 self.fail({d: segs}, f"reshapes channels into other dims: {self.where(node)}")
                 continue
             size = sizes[od] if od < len(sizes) else None
@@ -518,8 +683,32 @@ class _Builder:
                     f"hard-codes width {size} in {self.where(node)}; write -1 or x.size(...) there",
                 )
                 continue
-            out[od] = [(g, u, e * inner) for g, u, e in segs]
+            if merge:
+                out[od] = [(g, u, e * (width // shape[d])) for g, u, e in segs]
+            elif self.split_heads(node, segs, shape[d] // width):
+                out[od] = [(segs[0][0], width, 1)]
         self.lay[node] = out
+
+    def split_heads(self, node: fx.Node, segs: list[Seg], head_dim: int) -> bool:
+        """A view of (..., C) as (..., C / head_dim, head_dim): the channels of one group become
+        heads of ``head_dim`` channels, pruned whole (the attention of a torch.export graph)."""
+        gid, units, expand = segs[0] if len(segs) == 1 else (None, 0, 0)
+        if gid is None or head_dim % expand or units % (head_dim // expand):
+            self.fail({0: segs}, f"splits channels unevenly into heads: {self.where(node)}")
+            return False
+        name = self.scope(node)
+        m = self.owners.get(name)
+        known = head_layout(m) if m is not None else None
+        stored = [a for a in HEAD_COUNT_ATTRS if isinstance(getattr(m, a, None), int)]
+        if stored and (known is None or known[1] != head_dim):
+            self.fail(
+                {0: segs},
+                f"attention {name!r} stores its head count in {stored[0]!r}, so pruned heads "
+                "would not match its forward",
+            )
+            return False
+        self.coarsen(gid, head_dim // expand)
+        return True
 
     def move_dims(self, node: fx.Node, x: Any, fname: str) -> None:
         shape = self.shape(x)
@@ -641,17 +830,68 @@ class _Builder:
         self.lay[node] = out
 
 
-def build_depgraph(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> DepGraph:
-    """The channel groups of ``model`` traced on ``example_inputs`` (the model is not modified)."""
+def _op_name(target: Any) -> str:
+    """``aten.linear.default`` -> ``linear``; a function or method -> its name."""
+    if isinstance(target, torch._ops.OpOverload):
+        return str(target.overloadpacket.__name__)
+    return target if isinstance(target, str) else str(getattr(target, "__name__", target))
+
+
+def build_depgraph(
+    model: nn.Module,
+    example_inputs: Sequence[torch.Tensor],
+    *,
+    method: Literal["auto", "fx", "export"] = "auto",
+) -> DepGraph:
+    """The channel groups of ``model`` traced on ``example_inputs`` (the model is not modified).
+
+    ``method="auto"`` traces with torch.fx and falls back to ``torch.export`` on the example
+    inputs when fx cannot trace the model (Hugging Face transformers models, for instance)."""
+    inputs = tuple(example_inputs)
     attn = attention_modules(model)
-    gm = capture(model, method="fx", leaf_names=list(attn))
+    if method == "export":
+        return _Builder(_exported(model, inputs), {}, model).run()
+    try:
+        gm = capture(model, method="fx", leaf_names=list(attn))
+    except GraphCaptureError as e:
+        if method == "fx":
+            raise
+        try:
+            return _Builder(_exported(model, inputs), {}, model).run()
+        except GraphCaptureError as e2:
+            raise GraphCaptureError(
+                f"{e.problem}; torch.export also failed: {e2.problem}", fix=e2.fix, module=e.module
+            ) from e2
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(*example_inputs)
+            ShapeProp(gm).propagate(*inputs)
     except Exception as e:  # the user's inputs do not fit the model
-        raise DataError(
-            f"{type(model).__name__} fails on example_inputs of shapes "
-            f"{[tuple(x.shape) for x in example_inputs]}: {str(e).splitlines()[0][:200]}",
-            fix="pass example_inputs=(x,) with the shape and dtype the model is called with",
-        ) from e
-    return _Builder(gm, attn).run()
+        raise _bad_inputs(model, inputs, e) from e
+    return _Builder(gm, attn, model).run()
+
+
+def _bad_inputs(model: nn.Module, inputs: tuple[torch.Tensor, ...], e: Exception) -> DataError:
+    return DataError(
+        f"{type(model).__name__} fails on example_inputs of shapes "
+        f"{[tuple(x.shape) for x in inputs]}: {str(e).splitlines()[0][:200]}",
+        fix="pass example_inputs=(x,) with the shape and dtype the model is called with",
+    )
+
+
+def _exported(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> fx.GraphModule:
+    """``model`` captured by torch.export on ``inputs`` (shapes static), parameters as get_attr
+    nodes named by their qualified names, with shapes propagated."""
+    was_training = model.training
+    model.eval()  # neither the check nor the capture may update BatchNorm statistics
+    try:
+        try:
+            with torch.no_grad():
+                model(*inputs)
+        except Exception as e:
+            raise _bad_inputs(model, inputs, e) from e
+        gm = capture(model, inputs, method="export").module()
+    finally:
+        model.train(was_training)
+    with torch.no_grad():
+        ShapeProp(gm).propagate(*inputs)
+    return cast(fx.GraphModule, gm)

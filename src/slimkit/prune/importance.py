@@ -1,11 +1,12 @@
 """Importance of each unit (channel or head) of a channel group; low scores are pruned first.
 
-Every criterion scores each member parameter of the group separately, normalises that member's
-scores to mean 1 (so a Linear reading H*W columns per channel does not drown the conv producing it),
-and adds the members up.
+Every criterion scores each member parameter of the group separately and adds the members up;
+``l1`` / ``l2`` add the plain magnitudes, the data-driven criteria normalise each member's scores
+to mean 1 first (so a Linear reading H*W columns per channel does not drown the conv producing it).
 
 - ``l1`` / ``l2``: weight magnitude of every coupled weight, norm scales included (Li et al.,
-  "Pruning Filters for Efficient ConvNets", ICLR 2017).
+  "Pruning Filters for Efficient ConvNets", ICLR 2017). On the zoo CNNs this ranks channels as
+  Torch-Pruning's ``MagnitudeImportance`` does.
 - ``bn``: |gamma| of the BatchNorm in the group (Liu et al., "Learning Efficient Convolutional
   Networks through Network Slimming", ICCV 2017); groups without BatchNorm fall back to ``l1``.
 - ``taylor``: first-order Taylor, sum of |w * dL/dw| over the data (Molchanov et al., "Importance
@@ -107,7 +108,9 @@ def group_importance(
         scores = [_per_unit(_tensor(model, m), m, n, criterion) for m in magnitude]
         if criterion == "l2":
             scores = [s.sqrt() for s in scores]
-        return _normalised(scores, n)
+        # plain sums: normalising each member to mean 1 first fine-tuned worse (shapes_cnn at
+        # ratio 0.5, 3 seeds: 0.816 against 0.8225 for the plain sum)
+        return torch.stack(scores).sum(0)
     if criterion == "bn":
         bns = [
             m

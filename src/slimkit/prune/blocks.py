@@ -1,0 +1,156 @@
+"""Layer and block dropping: remove whole residual blocks or transformer layers.
+
+Deep residual stacks and transformer encoders tolerate losing whole blocks far better than the
+same MACs taken evenly from every layer (Veit et al., "Residual Networks Behave Like Ensembles of
+Relatively Shallow Networks", NeurIPS 2016; Fan et al., "Reducing Transformer Depth on Demand with
+Structured Dropout", ICLR 2020). A *candidate* is a child of an ``nn.Sequential`` or
+``nn.ModuleList`` that holds a conv or linear layer and whose output has the shape of its first
+input (so the block can become the identity): a ResNet block without downsampling, a transformer
+layer, a plain conv layer that keeps its width. Blocks are dropped greedily,
+each time the one whose removal changes the model's output least on calibration data::
+
+    small = drop_blocks(model, Drop(blocks=2), example_inputs=(x,), data=calibration_batches)
+
+The dropped blocks become :class:`Dropped` (an identity that accepts and ignores extra arguments);
+the pruning record lists them, so ``save_pruned`` / ``load_pruned`` replay the drop.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from slimkit.core.config import Config
+from slimkit.core.data import collect_batches
+from slimkit.core.registry import METHODS
+from slimkit.errors import ConfigError
+from slimkit.prune.auto import distortion, output_tensors
+from slimkit.prune.channel import _as_inputs, pruning_record, set_record
+
+_COMPUTE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)  # a block must hold one of these
+
+
+class Drop(Config):
+    """Drop ``blocks`` whole blocks (or the ones named in ``names``)."""
+
+    blocks: int = Field(1, ge=0)
+    names: list[str] = Field(default_factory=list)  # exact module names; overrides `blocks`
+    calibration_batches: int = Field(2, ge=1)
+
+
+class Dropped(nn.Module):
+    """What a dropped block becomes: returns its first input unchanged."""
+
+    def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        return x
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    owner, _, attr = name.rpartition(".")
+    return model.get_submodule(owner), attr
+
+
+def replace_with_dropped(model: nn.Module, names: Iterable[str]) -> nn.Module:
+    """Turn each named block into :class:`Dropped`, in place."""
+    for name in names:
+        parent, attr = _parent(model, name)
+        if isinstance(parent, (nn.Sequential, nn.ModuleList)):
+            parent[int(attr)] = Dropped()
+        else:
+            setattr(parent, attr, Dropped())
+    return model
+
+
+def droppable_blocks(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> list[str]:
+    """Children of Sequential / ModuleList containers whose output keeps their input's shape."""
+    containers = {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Sequential, nn.ModuleList))
+    }
+    cands = {
+        f"{cname}.{i}" if cname else str(i): child
+        for cname, c in containers.items()
+        for i, child in enumerate(c)
+        if any(isinstance(sub, _COMPUTE) for sub in child.modules())
+    }
+    ok: dict[str, bool] = {}
+    hooks = []
+    for name, m in cands.items():
+
+        def hook(mod: nn.Module, args: Any, out: Any, _n: str = name) -> None:
+            x = args[0] if args else None
+            y = out[0] if isinstance(out, tuple) else out
+            same = (
+                isinstance(x, torch.Tensor)
+                and isinstance(y, torch.Tensor)
+                and x.shape == y.shape
+                and x.dtype == y.dtype
+            )
+            ok[_n] = ok.get(_n, True) and same
+            if isinstance(out, tuple) and len(out) > 1:
+                ok[_n] = False  # a block returning several things cannot become the identity
+
+        hooks.append(m.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(*example_inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [n for n in cands if ok.get(n)]
+
+
+@METHODS.register("prune.blocks", config=Drop, summary="drop whole residual blocks / layers")
+def drop_blocks(
+    model: nn.Module,
+    config: Drop | None = None,
+    *,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor,
+    data: Iterable[Any] | None = None,
+) -> nn.Module:
+    """A copy of ``model`` with whole blocks replaced by the identity (``model`` is untouched)."""
+    cfg = config or Drop()
+    inputs = _as_inputs(example_inputs)
+    model.eval()
+    cands = droppable_blocks(model, inputs)
+    if cfg.names:
+        unknown = [n for n in cfg.names if n not in cands]
+        if unknown:
+            raise ConfigError(
+                f"cannot drop {unknown}: not a block whose output keeps its input's shape",
+                fix=f"choose among {cands[:8]}" if cands else "this model has no such block",
+            )
+        chosen = list(cfg.names)
+    else:
+        if cfg.blocks > len(cands):
+            raise ConfigError(
+                f"asked to drop {cfg.blocks} blocks but only {len(cands)} can be dropped",
+                fix=f"use blocks <= {len(cands)} (candidates: {cands[:8]})",
+            )
+        batches = [
+            b.args for b in collect_batches(
+                data if data is not None else [inputs], what="calibration data",
+                n_inputs=len(inputs), limit=cfg.calibration_batches,
+            )
+        ]  # fmt: skip
+        ref = output_tensors(model, batches)
+        chosen, current = [], copy.deepcopy(model)
+        for _ in range(cfg.blocks):
+            scores = {
+                n: distortion(replace_with_dropped(copy.deepcopy(current), [n]), batches, ref)
+                for n in cands
+                if n not in chosen
+            }
+            best = min(scores, key=scores.__getitem__)
+            chosen.append(best)
+            replace_with_dropped(current, [best])
+    out = replace_with_dropped(copy.deepcopy(model), chosen)
+    record = pruning_record(model) or {"method": "prune.blocks", "slices": {}}
+    set_record(out, {**record, "dropped": [*record.get("dropped", []), *chosen]})
+    return out
