@@ -44,3 +44,15 @@ def test_quantize_bad_method_and_missing_calibration(tmp_path: Path) -> None:
     res = runner.invoke(app, ["quantize", "torch.nn:Identity", "--out", str(tmp_path),
                               "--input-shape", "1,4"])  # fmt: skip
     assert res.exit_code == 2 and "--calib" in res.output
+
+
+def test_quantize_with_max_drop_reports_the_fallback(tmp_path: Path) -> None:
+    out = tmp_path / "q"
+    res = runner.invoke(app, ["quantize", "zoo:digits_cnn", "--out", str(out), "--max-drop",
+                              "0.01", "--runs", "3", "--json"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    fb = json.loads(res.stdout)["fallback"]
+    assert fb["met"] and fb["float_metric"] - fb["metric"] <= 0.01
+    assert fb["steps"][0]["float_layers"] == []
+    res = runner.invoke(app, ["quantize", "zoo:residual", "--out", str(out), "--max-drop", "0.01"])
+    assert res.exit_code == 2 and "bundled task" in res.output

@@ -27,6 +27,9 @@ def quantize_cmd(
     num_batches: int = typer.Option(32, min=1, help="calibration batches"),
     weights: Path | None = typer.Option(None, help="safetensors weights for a factory model"),
     input_shape: str | None = typer.Option(None, help="e.g. 1,3,224,224 when slimkit can't know"),
+    max_drop: float | None = typer.Option(
+        None, min=0.0, help="keep the fewest layers in float so val top-1 drops at most this"
+    ),
     runs: int = typer.Option(30, min=1, help="timed runs per latency round"),
     json_out: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
 ) -> None:
@@ -68,8 +71,30 @@ def quantize_cmd(
             fix="pass --calib zoo:TASK, file.npz or package.module:loader",
         )
     t0 = time.perf_counter()
-    with err_console.status("calibrating and converting"):
-        q = quantize_ptq(rm.model, cfg, data=data)
+    fallback = None
+    if max_drop is not None:
+        from slimkit.errors import ConfigError
+        from slimkit.quant.fallback import quantize_with_fallback
+        from slimkit.zoo import evaluate, load_task
+
+        if rm.task is None:
+            raise ConfigError(
+                "--max-drop needs a metric: a zoo model with a bundled task",
+                fix="in Python: quantize_with_fallback(model, data=..., metric=fn, max_drop=...)",
+            )
+        val_task = load_task(rm.task)
+        key = "top1" if val_task.kind == "classification" else "perplexity"
+        sign = 1.0 if key == "top1" else -1.0
+
+        def val_metric(m: Any) -> float:
+            return sign * float(evaluate(m, val_task, "val")[key])
+
+        with err_console.status("calibrating, converting, falling back") as st:
+            q, fallback = quantize_with_fallback(rm.model, cfg, data=data, metric=val_metric,
+                                                 max_drop=max_drop, on_step=st.update)  # fmt: skip
+    else:
+        with err_console.status("calibrating and converting"):
+            q = quantize_ptq(rm.model, cfg, data=data)
     tool_s = time.perf_counter() - t0
     example = rm.inputs(1)
     out.mkdir(parents=True, exist_ok=True)
@@ -108,10 +133,13 @@ def quantize_cmd(
         "machine": machine_info(),
         "versions": versions(),
     }
+    step: dict[str, Any] = {"quant.ptq": cfg.to_dict()}
+    if fallback is not None:
+        result["fallback"] = fallback.to_dict()
+        step["scope"] = {"exclude": fallback.float_layers}
     save_weights(q.state_dict(), out / "model.safetensors", metadata={"method": "quant.ptq"})
     with atomic_write(out / "recipe.yaml") as f:
-        yaml.safe_dump({"model": model, "steps": [{"quant.ptq": cfg.to_dict()}]}, f,
-                       sort_keys=False)  # fmt: skip
+        yaml.safe_dump({"model": model, "steps": [step]}, f, sort_keys=False)
     write_json(out / "metrics.json", result)
     if json_out:
         emit_json(result)
@@ -130,6 +158,8 @@ def quantize_cmd(
                  f"{kernels.integer} / {kernels.float_compute}"])  # fmt: skip
     console.print(table(f"{rm.name}: int8 PTQ ({method}, {result['weight_bits']}-bit weights)",
                         ["", "float", "int8"], rows))  # fmt: skip
+    if fallback is not None:
+        console.print(f"float fall-back (val split): {fallback.summary()}")
     console.print(f"[dim]tool time {tool_s:.1f} s; artifact in {out}/[/]")
 
 
