@@ -160,6 +160,33 @@ class Conv1dText(nn.Module):
         return self.fc(F.relu(self.bn(self.conv(x))).amax(dim=2))
 
 
+class UpsampleDecoder(nn.Module):
+    """A transposed conv between two convs (a decoder / segmentation head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.up = nn.ConvTranspose2d(16, 12, 2, stride=2)
+        self.bn_up = nn.BatchNorm2d(12)
+        self.head = nn.Conv2d(12, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn_up(self.up(F.relu(self.bn(self.conv1(x))))))
+        return self.head(y)
+
+
+class GroupedConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.grouped = nn.Conv2d(16, 32, 3, padding=1, groups=4)
+        self.fc = nn.Conv2d(32, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.relu(self.grouped(F.relu(self.conv1(x)))))
+
+
 def _img() -> torch.Tensor:
     return torch.randn(2, 3, 8, 8)
 
@@ -176,4 +203,6 @@ CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], str]
     "custom_op": (CustomOp, _img, "conv1"),
     "fixed_heads": (FixedHeadsModel, lambda: torch.randn(2, 5, 16), "attn.q_proj"),
     "conv1d_text": (Conv1dText, lambda: torch.randint(0, 50, (2, 10)), "prunes"),
+    "conv_transpose": (UpsampleDecoder, _img, "prunes"),
+    "grouped_conv": (GroupedConv, _img, "conv1"),
 }

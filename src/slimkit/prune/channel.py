@@ -231,6 +231,9 @@ def _fix_attributes(m: nn.Module) -> None:
             m.groups = m.in_channels = m.out_channels = out
         else:
             m.in_channels, m.out_channels = per_group, out
+    elif isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        m.in_channels, per_group = m.weight.shape[:2]
+        m.out_channels = per_group * m.groups
     elif isinstance(m, nn.Linear):
         m.out_features, m.in_features = m.weight.shape
     elif isinstance(m, nn.Embedding):

@@ -36,6 +36,7 @@ from slimkit.errors import DataError, GraphCaptureError
 from slimkit.prune.hf_attention import HEAD_COUNT_ATTRS, head_layout
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONVTS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _PASS_MODULES = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
@@ -169,6 +170,7 @@ class _Builder:
         self.parent: dict[int, int] = {}
         self.groups: dict[int, Group] = {}
         self.made_by: dict[str, int] = {}  # producer module -> its output group (shared calls)
+        self.convt_bias: set[str] = set()  # transposed convs whose bias joined their group
         self.lay: dict[fx.Node, Layout] = {}
 
     # -- groups ---------------------------------------------------------------------------------
@@ -317,6 +319,16 @@ class _Builder:
             return self.attention(node, name, m, lay, shape)
         if isinstance(m, _CONVS):
             return self.conv(node, name, m, lay)
+        if isinstance(m, _CONVTS) and m.groups == 1:  # weight (in, out, *kernel)
+            self.fail({d: s for d, s in lay.items() if d != 1},
+                      f"transposed conv mixes positions: {self.where(node)}")  # fmt: skip
+            self.read(lay.get(1, []), name, "weight", 0)
+            gid = self.produce(name, m.out_channels, m, dim=1)
+            if m.bias is not None and name not in self.convt_bias:
+                self.add(gid, Member(name, "bias", 0, 0, 1, "out"))
+                self.convt_bias.add(name)
+            self.lay[node] = {1: [(gid, m.out_channels, 1)]}
+            return None
         if isinstance(m, nn.Linear):
             rank = len(shape) if shape else 2
             for d, segs in lay.items():
