@@ -158,3 +158,20 @@ def test_load_pruned_refuses_a_foreign_architecture(tmp_path) -> None:  # type: 
         load_pruned(tmp_path, model=nn.Sequential(nn.Linear(2, 2)))
     back = load_pruned(tmp_path, model=copy.deepcopy(model))
     assert _macs(back, x) < _macs(model, x)
+
+
+def test_speedup_target_on_a_hardware_profile_uses_the_roofline() -> None:
+    from slimkit.analyze.hardware import load_profile
+    from slimkit.analyze.roofline import roofline
+
+    torch.manual_seed(0)
+    model = create_model("resnet18", width_mult=0.5).eval()
+    x = (torch.randn(1, 3, 64, 64),)
+    small = prune_to_target(model, Target(speedup=2.0, hw="raspberry_pi_4", search_steps=12),
+                            example_inputs=x)  # fmt: skip
+    rec = pruning_record(small)["auto"]  # type: ignore[index]
+    hw = load_profile("raspberry_pi_4")
+    got = (roofline(profile_model(model, x), hw).total_s
+           / roofline(profile_model(small, x), hw).total_s)  # fmt: skip
+    assert 2.0 <= got <= 2.2, got  # within the default 10 % tolerance
+    assert rec["predicted_speedup_on_raspberry_pi_4"] == pytest.approx(got, rel=1e-3)

@@ -30,6 +30,9 @@ def prune_cmd(
         None, min=1.0, help="choose ratios until ORT runs this many times faster (measured)"
     ),
     allocation: str = typer.Option("uniform", help="uniform | sensitivity (with a target)"),
+    hw: str | None = typer.Option(
+        None, help="with --target-speedup: predict on this hardware profile (roofline) instead"
+    ),
     finetune_epochs: int = typer.Option(
         0, min=0, help="fine-tune on the zoo task, distilling from the dense model"
     ),
@@ -53,7 +56,7 @@ def prune_cmd(
     from slimkit.core.refs import parse_shape, resolve_model
     from slimkit.export.onnx import export_onnx
     from slimkit.export.ort import ort_session
-    from slimkit.prune import Channel, prune_channels, save_pruned
+    from slimkit.prune import Channel, prune_channels, pruning_record, save_pruned
     from slimkit.prune.auto import Target, prune_to_target
 
     configure_threads(2)
@@ -71,7 +74,7 @@ def prune_cmd(
 
         task = load_task(rm.task)
     if targets:
-        tgt = Target(**targets, allocation=allocation, channel=cfg)  # type: ignore[arg-type]
+        tgt = Target(**targets, allocation=allocation, channel=cfg, hw=hw)  # type: ignore[arg-type]
         calib = task.calibration(64) if task is not None and allocation != "uniform" else None
         with err_console.status("searching per-layer ratios") as st:
             small = prune_to_target(rm.model, tgt, example_inputs=x, data=calib,
@@ -131,4 +134,8 @@ def prune_cmd(
         if metrics and k in metrics["dense"]:
             rows.append([f"test {k} ({tuned})", metrics["dense"][k], metrics["pruned"][k]])
     console.print(table(f"{rm.name}: {what}", ["", "dense", "pruned"], rows))
+    auto = (pruning_record(small) or {}).get("auto", {})
+    for k, v in auto.items():
+        if k.startswith("predicted_speedup_on_"):
+            console.print(f"roofline-predicted speed-up on {k[21:]}: {v:.2f}x (not measured)")
     console.print(f"[dim]artifact in {out}/ (model.safetensors, pruning.json, model.onnx)[/]")

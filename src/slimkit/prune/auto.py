@@ -9,7 +9,9 @@ The user states what the pruned model must reach; slimkit chooses how many units
 - ``speedup=2.0``: the pruned model must run that many times faster than the dense one on ONNX
   Runtime, *measured* on this machine: a bisection over the MAC budget exports and times each
   candidate against the dense model (interleaved rounds) and returns the least-pruned model that
-  meets the target.
+  meets the target. With ``hw="raspberry_pi_4"`` (a preset, a profile YAML, or ``"this"``) the
+  speed-up is the roofline's prediction on that hardware profile instead (``slimkit.analyze``),
+  for a device that is not at hand.
 
 Allocation across groups:
 
@@ -77,6 +79,7 @@ class Target(Config):
     tolerance: float = Field(0.1, ge=0.0)  # speed-up search stops within target * (1 + tolerance)
     search_steps: int = Field(8, ge=1)  # latency measurements the speed-up search may take
     batch: int = Field(1, ge=1)  # batch size the latency is measured at
+    hw: str | None = None  # with speedup: predict on this hardware profile instead of measuring
 
     @model_validator(mode="after")
     def _one_target(self) -> Target:
@@ -277,6 +280,26 @@ def _measure_speedup(dense: nn.Module, small: nn.Module, inputs: tuple[torch.Ten
     return d / s, d, s
 
 
+def _predictor(
+    dense: nn.Module, inputs: tuple[torch.Tensor, ...], hw: str
+) -> Callable[..., tuple[float, float, float]]:
+    """Speed-up predicted by the roofline on hardware profile ``hw`` (no measurement)."""
+    from slimkit.analyze.hardware import load_profile
+    from slimkit.analyze.profile import profile_model
+    from slimkit.analyze.roofline import roofline
+
+    prof = load_profile(hw)
+    base = roofline(profile_model(dense, inputs), prof).total_s * 1e3
+
+    def speed(
+        _: nn.Module, small: nn.Module, x: tuple[torch.Tensor, ...]
+    ) -> tuple[float, float, float]:
+        ms = roofline(profile_model(small, x), prof).total_s * 1e3
+        return base / ms, base, ms
+
+    return speed
+
+
 @METHODS.register(
     "prune.auto", config=Target, summary="per-layer ratios toward a MAC/latency target"
 )
@@ -325,10 +348,11 @@ def prune_to_target(
     else:
         lo, hi, best = 0.0, 1.0, None
         tried = []
+        speed = _measure_speedup if target.hw is None else _predictor(model, inputs, target.hw)
         for _ in range(target.search_steps):
             t = (lo + hi) / 2
             widths = allocate(t)
-            sp, d_ms, s_ms = _measure_speedup(model, p.apply(widths), inputs)
+            sp, d_ms, s_ms = speed(model, p.apply(widths), inputs)
             tried.append({"macs": round(t, 4), "speedup": round(sp, 3), "ms": round(s_ms, 4)})
             if on_step:
                 on_step(f"MAC budget {t:.3f}: {sp:.2f}x ({d_ms:.3f} -> {s_ms:.3f} ms)")
@@ -345,7 +369,8 @@ def prune_to_target(
                 fix="lower the target, lower min_keep, or combine pruning with int8 quantization",
             )
         widths = best[1]
-        report.update(measured_speedup=round(best[2], 3), search=tried)
+        key = "measured_speedup" if target.hw is None else f"predicted_speedup_on_{target.hw}"
+        report.update({key: round(best[2], 3), "search": tried})
     keys = {g.gid: group_key(g) for g in p.groups}
     # one plan through prune_channels so the record is the usual one (and composes with others)
     small = prune_channels(model, target.channel, example_inputs=inputs, scope=scope,

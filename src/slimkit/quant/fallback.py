@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from slimkit.core.io import PathLike
 from slimkit.core.scope import Scope
@@ -115,7 +115,7 @@ def quantize_with_fallback(
     scope: Scope | None = None,
     example_inputs: tuple[torch.Tensor, ...] | None = None,
     on_step: Callable[[str], None] | None = None,
-) -> tuple[nn.Module, FallbackReport]:
+) -> tuple[fx.GraphModule, FallbackReport]:
     """Static int8 PTQ of ``model`` with the fewest float layers that keep
     ``metric(float) - metric(int8) <= max_drop`` (see the module docstring)."""
     if max_drop < 0:
@@ -126,7 +126,7 @@ def quantize_with_fallback(
     limit = len(layers) if max_float_layers is None else max_float_layers
     report = FallbackReport(float_metric=float(metric(model)), max_drop=max_drop)
 
-    def run(names: list[str]) -> tuple[nn.Module, float]:
+    def run(names: list[str]) -> tuple[fx.GraphModule, float]:
         q = quantize_ptq(model, cfg, data=data, scope=_exclude(scope, names),
                          example_inputs=example_inputs)  # fmt: skip
         value = float(metric(q))
