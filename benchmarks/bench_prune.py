@@ -37,7 +37,7 @@ from slimkit.analyze.latency import measure_latency, ort_runner  # noqa: E402
 from slimkit.analyze.profile import profile_model  # noqa: E402
 from slimkit.export.onnx import export_onnx  # noqa: E402
 from slimkit.export.ort import ort_session  # noqa: E402
-from slimkit.prune import Target, prune_to_target, pruning_record  # noqa: E402
+from slimkit.prune import Channel, Target, prune_to_target, pruning_record  # noqa: E402
 from slimkit.prune.recover import recover  # noqa: E402
 from slimkit.zoo import PRETRAINED, create_model, evaluate, load_task, pretrained  # noqa: E402
 
@@ -87,7 +87,9 @@ def accuracy(name: str, ratios: list[float], epochs: int, seeds: int) -> list[di
     for r in ratios:
         tp_model = torch_pruning(dense, x, r)
         frac = macs(tp_model, x) / dense_macs if tp_model is not None else (1 - r) ** 2
-        ours = prune_to_target(dense, Target(macs=frac), example_inputs=(x,))
+        # round_to=1: the same widths as Torch-Pruning's, so that the MACs match exactly
+        same = Target(macs=frac, channel=Channel(ratio=0.0, round_to=1))
+        ours = prune_to_target(dense, same, example_inputs=(x,))
         variants = {"slimkit": (ours, None), "slimkit+kd": (ours, dense),
                     "torch-pruning": (tp_model, None)}  # fmt: skip
         for tool, (pruned, teacher) in variants.items():

@@ -40,12 +40,12 @@ def test_prune_refuses_bad_options(tmp_path: Path) -> None:
 def test_prune_to_a_mac_target_with_fine_tuning(tmp_path: Path) -> None:
     out = tmp_path / "t"
     res = runner.invoke(app, ["prune", "zoo:digits_cnn", "--out", str(out), "--target-macs", "0.5",
-                              "--finetune-epochs", "1", "--runs", "3", "--json"])  # fmt: skip
+                              "--finetune-epochs", "2", "--runs", "3", "--json"])  # fmt: skip
     assert res.exit_code == 0, res.output
     r = json.loads(res.stdout)
     assert 0.40 <= r["macs"]["pruned"] / r["macs"]["dense"] <= 0.52
     m = r["metrics"]
-    # fine-tuning with distillation recovers most of the one-shot drop (measured 0.97 after 1 epoch)
+    # fine-tuning with distillation recovers most of the one-shot drop (measured 0.978 after 2 epochs)
     assert (
         m["pruned"]["top1"] > 0.9 and m["pruned"]["top1"] >= m["pruned_before_finetuning"]["top1"]
     )

@@ -19,7 +19,9 @@ def prune_cmd(
     ratio: float = typer.Option(0.5, min=0.0, max=0.95, help="fraction of channels removed"),
     criterion: str = typer.Option("l1", help="l1 | l2 | bn | fpgm | random"),
     global_ranking: bool = typer.Option(False, help="rank channels across layers"),
-    round_to: int = typer.Option(1, min=1, help="keep a multiple of this many channels"),
+    round_to: int | None = typer.Option(
+        None, min=1, help="keep a multiple of this many channels (default: 8 with a target, else 1)"
+    ),
     target_macs: float | None = typer.Option(
         None, min=0.01, max=1.0, help="choose per-layer ratios to keep this fraction of MACs"
     ),
@@ -63,7 +65,8 @@ def prune_cmd(
     targets = {"macs": target_macs, "params": target_params, "speedup": target_speedup}
     targets = {k: v for k, v in targets.items() if v is not None}
     cfg = Channel(ratio=0.0 if targets else ratio, criterion=criterion,  # type: ignore[arg-type]
-                  global_ranking=global_ranking, round_to=round_to,
+                  global_ranking=global_ranking,
+                  round_to=round_to or (8 if targets else 1),
                   exclude=list(exclude))  # fmt: skip
     shape = parse_shape(input_shape) if input_shape else None
     rm = resolve_model(model, weights=weights, input_shape=shape, progress=not json_out)
