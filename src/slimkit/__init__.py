@@ -21,6 +21,7 @@ _LAZY = {
     "analyze": "slimkit.analyze",  # callable package: sk.analyze(model, x)
     "export_onnx": "slimkit.export.onnx:export_onnx",
     "fold_bn": "slimkit.graph_opt.bn_fold:fold_bn",
+    "optimize": "slimkit.graph_opt:optimize",  # BN folding, constant folding, fusion
     "quantize": "slimkit.quant.ptq:quantize",
     "prune": "slimkit.prune",  # callable package: sk.prune(model, sk.prune.Channel(...))
     "quant": "slimkit.quant",
@@ -37,6 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from slimkit.core.artifacts import load
     from slimkit.core.scope import Scope
     from slimkit.export.onnx import export_onnx
+    from slimkit.graph_opt import optimize
     from slimkit.graph_opt.bn_fold import fold_bn
     from slimkit.quant.ptq import quantize
 
@@ -63,6 +65,7 @@ __all__ = [
     "errors",
     "export_onnx",
     "fold_bn",
+    "optimize",
     "quant",
     "quantize",
     "prune",

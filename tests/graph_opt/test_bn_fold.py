@@ -5,20 +5,10 @@ import torch
 from torch import nn
 
 from slimkit.graph_opt.bn_fold import fold_bn
+from slimkit.testing.zoo import randomise_bn
 from slimkit.zoo import create_model, example_inputs
 
-
-def _randomise_bn(model: nn.Module) -> nn.Module:
-    """Non-trivial statistics, so that a wrong fold cannot pass by accident."""
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
-            m.running_var.copy_(torch.rand(n, generator=g) * 2 + 0.2)
-            m.weight.data.copy_(torch.randn(n, generator=g))
-            m.bias.data.copy_(torch.randn(n, generator=g))
-    return model.eval()
+_randomise_bn = randomise_bn
 
 
 def _count_bn(model: nn.Module) -> int:

@@ -16,20 +16,12 @@ from slimkit.errors import ConfigError, ScopeError, UnsupportedError
 from slimkit.prune import Channel, apply_slices, plan_channels, prune_channels, pruning_record
 from slimkit.prune.artifact import load_pruned, save_pruned
 from slimkit.prune.channel import ChannelPlan
-from slimkit.zoo.models import create_model, example_inputs, list_models
+from slimkit.testing.zoo import SMALL_KWARGS, small_zoo
+from slimkit.zoo.models import list_models
 
 from .awkward_models import CASES
 
-# small sizes of the bigger zoo models, so that each test stays around a second on 2 cores
-KWARGS: dict[str, dict[str, Any]] = {
-    "bert_encoder": dict(vocab_size=64, seq_len=16, n_layer=1, d_model=32, d_ff=64),
-    "gpt": dict(n_layer=1, seq_len=16, d_model=32),
-    "text_classifier": dict(n_layer=1, seq_len=16, d_model=32, d_ff=64),
-    "resnet18": dict(width_mult=0.25),
-    "resnet18_cifar": dict(width_mult=0.25),
-    "mobilenetv2": dict(width_mult=0.25),
-    "mobilenetv2_cifar": dict(width_mult=0.25),
-}
+KWARGS = SMALL_KWARGS
 NO_GROUPS = {"lstm"}  # everything feeds the LSTM, which slimkit does not prune
 ZOO = list_models()
 
@@ -38,11 +30,7 @@ REFERENCE = set(list_models(kind="reference"))
 
 
 def _zoo(name: str) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
-    kw = KWARGS.get(name, {})
-    x = example_inputs(name, 2, **kw)
-    if name in ("resnet18", "mobilenetv2", "mobilenetv2_cifar"):  # the same layers, smaller input
-        x = (torch.randn(2, 3, 32 if name == "resnet18" else 16, 32 if name == "resnet18" else 16),)
-    return create_model(name, **kw), x
+    return small_zoo(name)
 
 
 def zero_removed(model: nn.Module, plan: ChannelPlan) -> None:
