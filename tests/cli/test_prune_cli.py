@@ -45,7 +45,7 @@ def test_prune_to_a_mac_target_with_fine_tuning(tmp_path: Path) -> None:
     r = json.loads(res.stdout)
     assert 0.40 <= r["macs"]["pruned"] / r["macs"]["dense"] <= 0.52
     m = r["metrics"]
-    # fine-tuning with distillation recovers most of the one-shot drop (measured 0.978 after 2 epochs)
+    # fine-tuning with distillation recovers most of the one-shot drop (measured 0.978, 2 epochs)
     assert (
         m["pruned"]["top1"] > 0.9 and m["pruned"]["top1"] >= m["pruned_before_finetuning"]["top1"]
     )
