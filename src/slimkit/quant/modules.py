@@ -133,6 +133,15 @@ class QuantLayer(nn.Module):
         self.bias_shift = self.bias_shift - delta.detach().float()
         self.set_input_scale(self.input_scale)
 
+    def set_weight_codes(self, codes: torch.Tensor) -> None:
+        """Replace the integer weights (e.g. AdaRound's choice of rounding) on the same grid."""
+        qmax = 2 ** (self.weight_bits - 1) - 1
+        if codes.shape != self.w_q.shape or not torch.equal(codes, codes.round()):
+            raise ValueError(f"weight codes must be integers of shape {tuple(self.w_q.shape)}")
+        if codes.abs().max() > qmax:
+            raise ValueError(f"weight codes must lie in -{qmax}..{qmax} ({self.weight_bits} bits)")
+        self.w_q.copy_(codes.to(torch.int8))
+
     def weight(self) -> torch.Tensor:
         return dequantize_const(self.w_q, self.w_scale, 0)
 
