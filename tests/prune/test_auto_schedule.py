@@ -98,8 +98,9 @@ def test_target_fraction_is_reached(what: str, allocation: str) -> None:
     model = create_model("resnet18", width_mult=0.25).eval()
     x = (torch.randn(1, 3, 32, 32),)
     data = [torch.randn(4, 3, 32, 32)]
-    small = prune_to_target(model, Target(**{what: 0.5}, allocation=allocation),  # type: ignore[arg-type]
-                            example_inputs=x, data=data)  # fmt: skip
+    # widths in multiples of 8 on every CPU (the default block is 16 with AVX-512: coarser)
+    tgt = Target(**{what: 0.5}, allocation=allocation, channel=Channel(ratio=0, round_to=8))  # type: ignore[arg-type]
+    small = prune_to_target(model, tgt, example_inputs=x, data=data)
     if what == "macs":
         before, after = _macs(model, x), _macs(small, x)
     else:
@@ -175,3 +176,22 @@ def test_speedup_target_on_a_hardware_profile_uses_the_roofline() -> None:
            / roofline(profile_model(small, x), hw).total_s)  # fmt: skip
     assert 2.0 <= got <= 2.2, got  # within the default 10 % tolerance
     assert rec["predicted_speedup_on_raspberry_pi_4"] == pytest.approx(got, rel=1e-3)
+
+
+def test_default_widths_follow_the_cpu_channel_block() -> None:
+    from slimkit.core.machine import channel_multiple, cpu_info
+
+    block = channel_multiple()
+    assert block == (16 if "avx512f" in cpu_info()["flags"] else 8)
+    assert Target(macs=0.5).channel.round_to == block
+    torch.manual_seed(0)
+    model = create_model("resnet18", width_mult=0.25).eval()  # groups 16..128 wide
+    x = (torch.randn(1, 3, 32, 32),)
+    small = prune_to_target(model, Target(macs=0.5, channel=Channel(ratio=0, round_to=16)),
+                            example_inputs=x)  # fmt: skip
+    rec = pruning_record(small)
+    assert rec is not None
+    for before, after in rec["auto"]["widths"].values():
+        # a group narrower than two blocks rounds to half a block, so 16-wide groups can shrink
+        assert after % (16 if before >= 32 else 8) == 0 or after == before
+    assert _macs(small, x) < 0.55 * _macs(model, x)

@@ -20,7 +20,10 @@ def prune_cmd(
     criterion: str = typer.Option("l1", help="l1 | l2 | bn | fpgm | random"),
     global_ranking: bool = typer.Option(False, help="rank channels across layers"),
     round_to: int | None = typer.Option(
-        None, min=1, help="keep a multiple of this many channels (default: 8 with a target, else 1)"
+        None,
+        min=1,
+        help="keep a multiple of this many channels (default: with a target the CPU's channel "
+        "block, 16 with AVX-512, else 8; without one 1)",
     ),
     target_macs: float | None = typer.Option(
         None, min=0.01, max=1.0, help="choose per-layer ratios to keep this fraction of MACs"
@@ -54,7 +57,7 @@ def prune_cmd(
     from slimkit.analyze.latency import measure_latency, ort_runner
     from slimkit.analyze.profile import profile_model
     from slimkit.core.io import write_json
-    from slimkit.core.machine import configure_threads, machine_info, versions
+    from slimkit.core.machine import channel_multiple, configure_threads, machine_info, versions
     from slimkit.core.refs import parse_shape, resolve_model
     from slimkit.export.onnx import export_onnx
     from slimkit.export.ort import ort_session
@@ -66,7 +69,7 @@ def prune_cmd(
     targets = {k: v for k, v in targets.items() if v is not None}
     cfg = Channel(ratio=0.0 if targets else ratio, criterion=criterion,  # type: ignore[arg-type]
                   global_ranking=global_ranking,
-                  round_to=round_to or (8 if targets else 1),
+                  round_to=round_to or (channel_multiple() if targets else 1),
                   exclude=list(exclude))  # fmt: skip
     shape = parse_shape(input_shape) if input_shape else None
     rm = resolve_model(model, weights=weights, input_shape=shape, progress=not json_out)
