@@ -47,3 +47,17 @@ def test_shape_change_and_expected_shape_and_empty() -> None:
         collect_batches(3)
     # a smaller last batch is fine: only per-sample shapes must agree
     assert len(collect_batches([torch.zeros(4, 3), torch.zeros(1, 3)])) == 2
+
+
+def test_merge_batches_concatenates_up_to_a_sample_budget() -> None:
+    from slimkit.core.data import merge_batches
+
+    xs = [torch.full((2, 3), float(i)) for i in range(5)]
+    merged = merge_batches(collect_batches(xs), max_samples=4)
+    assert [b.index for b in merged] == [0, 2, 4] and [b.size for b in merged] == [4, 4, 2]
+    assert torch.equal(torch.cat([b.args[0] for b in merged]), torch.cat(xs))  # order kept
+    kw = merge_batches(collect_batches([{"ids": torch.ones(1, 5), "mask": torch.zeros(1, 5)}] * 3))
+    assert len(kw) == 1 and kw[0].kwargs["ids"].shape == (3, 5) and kw[0].target is None
+    # tensors that do not share one leading batch size are left alone
+    odd = collect_batches([(torch.ones(2, 3), torch.ones(3, 3))] * 2, n_inputs=2)
+    assert merge_batches(odd) == odd

@@ -153,3 +153,50 @@ def test_bias_correction_removes_the_mean_shift() -> None:
         fixed = quantize(model, PTQ(), data=calib)(x)
     # measured 25.9 -> 30.3 dB (random weights, 32 samples, 7-bit weights, MSE calibration)
     assert sqnr(ref, fixed) > sqnr(ref, plain) + 2.5
+
+
+def test_calibration_passes_batch_the_samples_and_keep_the_result(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The statistics passes run on batches of up to 16 samples, channels-last; the quantized
+    model matches calibrating sample by sample (histograms grow differently, so not bit-exact)."""
+    name = "cnn_bn"
+    model = create_model(name)
+    singles = [x[i : i + 1] for x in _calib(name, 8) for i in range(2)]
+    (test,) = example_inputs(name, batch=8, seed=99)
+    with torch.no_grad():
+        ref = model(test)
+    merged = quantize(model, PTQ(), data=singles)
+    monkeypatch.setattr(ptq_mod, "merge_batches", lambda b, **k: list(b))
+    plain = quantize(model, PTQ(), data=singles)
+    with torch.no_grad():
+        a, b = sqnr(ref, merged(test)), sqnr(ref, plain(test))
+    assert abs(a - b) < 1.0, (a, b)
+    scales = [
+        (float(m.scale), float(plain.get_submodule(n).scale))
+        for n, m in merged.named_modules()
+        if isinstance(m, ActQuant)
+    ]
+    assert scales and all(abs(x - y) <= 0.05 * y for x, y in scales), scales
+    # the weights leave the passes in the ordinary layout
+    assert all(p.is_contiguous() for p in merged.parameters())
+
+
+class _BatchOfOne(nn.Module):
+    """Hard-codes the batch size in forward, as real models sometimes do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 8 * 8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).view(1, -1))
+
+
+def test_a_model_bound_to_batch_one_still_calibrates() -> None:
+    model = _BatchOfOne().eval()
+    data = [torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    q = quantize(model, PTQ(), data=data)
+    with torch.no_grad():
+        assert sqnr(model(data[0]), q(data[0])) > 25.0

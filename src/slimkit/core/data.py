@@ -182,3 +182,43 @@ def iter_batches(
 def collect_batches(data: Any, **kwargs: Any) -> list[Batch]:
     """``list(iter_batches(...))``: check all of the data up front."""
     return list(iter_batches(data, **kwargs))
+
+
+def merge_batches(batches: Sequence[Batch], max_samples: int = 16) -> list[Batch]:
+    """Consecutive batches concatenated along dim 0, up to ``max_samples`` samples each.
+
+    For passes that only accumulate statistics (calibration, bias correction): a model runs
+    several times faster per sample on larger batches. Batches whose tensors do not all share one
+    leading batch size are returned as they are; a merged batch keeps its first batch's index.
+    """
+
+    def size(b: Batch) -> int | None:
+        ts = list(b.args) + list(b.kwargs.values())
+        sizes = {int(t.shape[0]) if t.dim() > 0 else -1 for t in ts}
+        return sizes.pop() if len(sizes) == 1 and -1 not in sizes else None
+
+    sizes = [size(b) for b in batches]
+    if not batches or any(n is None for n in sizes):
+        return list(batches)
+    out: list[Batch] = []
+    group: list[Batch] = []
+    count = 0
+
+    def flush() -> None:
+        if len(group) == 1:
+            out.append(group[0])
+        elif group:
+            first = group[0]
+            args = tuple(torch.cat([b.args[i] for b in group]) for i in range(len(first.args)))
+            kwargs = {k: torch.cat([b.kwargs[k] for b in group]) for k in first.kwargs}
+            out.append(Batch(first.index, args, kwargs, None))
+
+    for b, n in zip(batches, sizes, strict=True):
+        assert n is not None
+        if group and count + n > max_samples:
+            flush()
+            group, count = [], 0
+        group.append(b)
+        count += n
+    flush()
+    return out

@@ -47,7 +47,7 @@ class TensorStats:
 
     def update_range(self, x: torch.Tensor) -> tuple[float, float]:
         """Fold ``x`` into the running range; returns this batch's (min, max) (NaN if any)."""
-        lo_t, hi_t = torch.aminmax(x.detach())
+        lo_t, hi_t = torch.aminmax(_flat(x.detach()))
         lo, hi = float(lo_t), float(hi_t)
         self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
         self.count += x.numel()
@@ -69,9 +69,10 @@ class TensorStats:
             self.hist[self._bin(0.0)] += zeros
         while lo < self.hist_lo or hi > self.hist_hi:
             self._grow(up=hi > self.hist_hi)
-        # bincount of bin indices: exact like histc, several times faster on CPU
+        # bincount of int32 bin indices: exact like histc, and as fast or faster on the CPUs
+        # measured (int64 indices took twice as long: the conversion dominates)
         scale = BINS / (self.hist_hi - self.hist_lo)
-        idx = ((x.detach().reshape(-1).float() - self.hist_lo) * scale).long().clamp_(0, BINS - 1)
+        idx = ((_flat(x.detach()).float() - self.hist_lo) * scale).int().clamp_(0, BINS - 1)
         self.hist += torch.bincount(idx, minlength=BINS).double().numpy()
 
     def _bin(self, v: float) -> int:
@@ -89,6 +90,17 @@ class TensorStats:
         else:
             self.hist[BINS // 2 :] = merged
             self.hist_lo = self.hist_hi - 2 * width
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """All elements, in memory order (a view also for channels-last tensors: no copy)."""
+    if (
+        x.dim() == 4
+        and not x.is_contiguous()
+        and x.is_contiguous(memory_format=torch.channels_last)
+    ):
+        return x.permute(0, 2, 3, 1).reshape(-1)
+    return x.reshape(-1)
 
 
 def _edges(st: TensorStats) -> np.ndarray:

@@ -422,7 +422,7 @@ def equalize(
                 g.absorbed = problem or "yes"
                 if problem is None:
                     ok.append(g)
-            means = _producer_means(gm, ok, batches)
+            means = _producer_means(gm, ok, batches) if ok else {}  # no pass when none qualify
             for g in ok:
                 _absorb(graph, g, means)
         for g in report.groups:

