@@ -200,3 +200,62 @@ def test_a_model_bound_to_batch_one_still_calibrates() -> None:
     q = quantize(model, PTQ(), data=data)
     with torch.no_grad():
         assert sqnr(model(data[0]), q(data[0])) > 25.0
+
+
+class _Bag(nn.Module):
+    """A 5000-word table (1.3 MB, so quantized by default) and a small position table."""
+
+    def __init__(self, tie: bool = False) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(5000, 64)
+        self.pos = nn.Embedding(16, 64)
+        self.fc = nn.Linear(64, 32)
+        self.out = nn.Linear(32, 10)
+        self.tie = tie
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.tok(ids) + self.pos(torch.arange(ids.shape[1]))
+        h = torch.relu(self.fc(h)).mean(1)
+        y = self.out(h)
+        return y + (h @ self.tok.weight[:8, :32].t()).sum(1, keepdim=True) if self.tie else y
+
+
+def test_embedding_tables_are_stored_as_int8_rows(tmp_path: Path) -> None:
+    import onnx
+    from onnx import numpy_helper
+
+    from slimkit.quant.modules import QuantEmbedding
+
+    torch.manual_seed(0)
+    model = _Bag().eval()
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randint(0, 5000, (4, 16), generator=g) for _ in range(8)]
+    q = quantize(model, PTQ(), data=data)
+    assert q.meta["slimkit"]["int8_embeddings"] == "tok"  # the 16-row table stays float
+    emb = q.get_submodule("tok")
+    assert isinstance(emb, QuantEmbedding) and emb.w_q.dtype == torch.int8
+    assert sqnr(model.tok.weight, emb.weight()) > 40.0  # measured 43.4 dB per-row int8
+    ids = torch.randint(0, 5000, (2, 16), generator=g)
+    with torch.no_grad():
+        assert sqnr(model(ids), q(ids)) > 30.0
+    rep, kernels = export_quantized(q, tmp_path / "e.onnx", example_inputs=(ids[:1],))
+    assert kernels.float_compute == 0
+    graph = onnx.load(str(rep.path)).graph
+    table = next(t for t in graph.initializer if tuple(t.dims) == (5000, 64))
+    assert table.data_type == onnx.TensorProto.INT8
+    assert np.array_equal(numpy_helper.to_array(table), emb.w_q.numpy())
+    # ORT gathers the int8 rows: no DequantizeLinear of the whole table on every run
+    readers = [n.op_type for n in graph.node if table.name in n.input]
+    assert readers == ["Gather"], readers
+    assert (tmp_path / "e.onnx").stat().st_size < 0.4 * 5000 * 64 * 4
+    float_tables = quantize(model, PTQ(embeddings=False), data=data)
+    assert isinstance(float_tables.get_submodule("tok"), nn.Embedding)
+
+
+def test_a_table_read_as_a_tensor_elsewhere_stays_float() -> None:
+    torch.manual_seed(0)
+    model = _Bag(tie=True).eval()
+    data = [torch.randint(0, 5000, (4, 16)) for _ in range(4)]
+    q = quantize(model, PTQ(), data=data)
+    assert q.meta["slimkit"]["int8_embeddings"] == "none"
+    assert isinstance(q.get_submodule("tok"), nn.Embedding)

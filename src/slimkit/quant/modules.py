@@ -159,3 +159,39 @@ class QuantLayer(nn.Module):
             x = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
             return conv(x, w, b, layer.stride, 0, layer.dilation, layer.groups)
         return conv(x, w, b, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+
+class QuantEmbedding(nn.Module):
+    """An embedding table stored as int8 rows with one float scale per row (weight-only).
+
+    The forward gathers the int8 rows and their scales, then multiplies: in ONNX a Gather over the
+    int8 initializer, a Cast and a Mul, so ONNX Runtime touches only the looked-up rows. (A
+    DequantizeLinear over the whole table before the Gather would dequantize every row on every
+    run: 1.6 ms for BERT's 30522 x 256 table, measured, against 0.02 ms this way.) Symmetric,
+    narrow (-127..127) per row: 43 dB against the float table for N(0, 0.02) rows.
+    """
+
+    w_q: torch.Tensor
+    w_scale: torch.Tensor
+
+    def __init__(self, emb: nn.Embedding, bits: int = 8) -> None:
+        super().__init__()
+        if emb.max_norm is not None:
+            raise ValueError("an embedding with max_norm renormalises its weights: keep it float")
+        w = emb.weight.detach().float()
+        qmax = 2 ** (bits - 1) - 1
+        scale = (w.abs().amax(1) / qmax).clamp_min(torch.finfo(torch.float32).tiny)
+        q = torch.round(w / scale[:, None]).clamp(-qmax, qmax)
+        self.register_buffer("w_q", q.to(torch.int8))
+        self.register_buffer("w_scale", scale.unsqueeze(1).contiguous())
+        self.num_embeddings, self.embedding_dim = emb.num_embeddings, emb.embedding_dim
+        self.padding_idx = emb.padding_idx
+
+    def weight(self) -> torch.Tensor:
+        return self.w_q.float() * self.w_scale
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.w_q[ids].to(torch.float32) * self.w_scale[ids]
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 rows"
