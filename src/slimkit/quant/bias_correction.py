@@ -22,6 +22,7 @@ from torch import nn
 
 from slimkit.core.data import Batch
 from slimkit.quant.modules import ActQuant, QuantLayer
+from slimkit.quant.primitives import nhwc
 
 
 def _apply(layer: nn.Module, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -34,19 +35,11 @@ def _apply(layer: nn.Module, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return y.flatten(2).mean(2)[0]
 
 
-CHANNELS_LAST = torch.channels_last
-
-
 def _batch_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum over dim 0 (float32 within a batch, accumulated in float64 by the caller: a float64
     reduction costs 5x); channels-last tensors are summed in their memory order."""
-    if (
-        t.dim() == 4
-        and not t.is_contiguous()
-        and t.is_contiguous(memory_format=torch.channels_last)
-    ):
-        return t.permute(0, 2, 3, 1).sum(0).permute(2, 0, 1).double()
-    return t.sum(0).double()
+    v = nhwc(t)
+    return (t.sum(0) if v is None else v.sum(0).permute(2, 0, 1)).double()
 
 
 def correct(qmodel: nn.Module, layers: dict[str, QuantLayer], batches: Sequence[Batch]) -> int:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from slimkit.errors import ConfigError
+from slimkit.quant.primitives import nhwc
 
 Method = Literal["minmax", "percentile", "entropy", "mse"]
 METHODS: tuple[str, ...] = ("minmax", "percentile", "entropy", "mse")
@@ -94,13 +95,8 @@ class TensorStats:
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
     """All elements, in memory order (a view also for channels-last tensors: no copy)."""
-    if (
-        x.dim() == 4
-        and not x.is_contiguous()
-        and x.is_contiguous(memory_format=torch.channels_last)
-    ):
-        return x.permute(0, 2, 3, 1).reshape(-1)
-    return x.reshape(-1)
+    v = nhwc(x)
+    return (x if v is None else v).reshape(-1)
 
 
 def _edges(st: TensorStats) -> np.ndarray:

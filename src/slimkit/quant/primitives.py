@@ -102,3 +102,12 @@ def quantize_weight(
     lo, hi = weight_range(w, per_channel, axis)
     scale, zp, qmin, qmax = affine_params(lo, hi, bits=bits, symmetric=symmetric, narrow=narrow)
     return fake_quantize(w, scale, zp, qmin, qmax, axis if per_channel else None)
+
+
+def nhwc(x: torch.Tensor) -> torch.Tensor | None:
+    """The NHWC view of a channels-last 4-D tensor (its memory order, no copy); None otherwise.
+    Reductions and flattening over that view avoid striding across channels."""
+    cl = torch.channels_last
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=cl):
+        return x.permute(0, 2, 3, 1)
+    return None
