@@ -78,6 +78,7 @@ def demo_cmd(
         "onnx": rep.to_dict(),
         "onnx_int8": rep_q.to_dict(),
         "int8_kernels": kernels.to_dict(),
+        "int8_float_layers": q.meta["slimkit"]["float_layers"],  # timed: faster in float here
         "params": sum(p.numel() for p in net.parameters()),
         "latency_ms": lat,
         "machine": machine_info(),

@@ -133,7 +133,10 @@ def quantize_cmd(
         "machine": machine_info(),
         "versions": versions(),
     }
-    step: dict[str, Any] = {"quant.ptq": cfg.to_dict()}
+    # the recipe repeats this artifact: the timed float-prefix choice is written as its result
+    floated = q.meta["slimkit"]["float_prefix_layers"]
+    step: dict[str, Any] = {"quant.ptq": {**cfg.to_dict(), "float_prefix": floated}}
+    result["float_layers"] = q.meta["slimkit"]["float_layers"]
     if fallback is not None:
         result["fallback"] = fallback.to_dict()
         step["scope"] = {"exclude": fallback.float_layers}
@@ -158,6 +161,8 @@ def quantize_cmd(
                  f"{kernels.integer} / {kernels.float_compute}"])  # fmt: skip
     console.print(table(f"{rm.name}: int8 PTQ ({method}, {result['weight_bits']}-bit weights)",
                         ["", "float", "int8"], rows))  # fmt: skip
+    if floated:
+        console.print(f"float prefix (faster in float on this CPU, timed): {', '.join(floated)}")
     if fallback is not None:
         console.print(f"float fall-back (val split): {fallback.summary()}")
     console.print(f"[dim]tool time {tool_s:.1f} s; artifact in {out}/[/]")

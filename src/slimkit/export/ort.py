@@ -30,12 +30,15 @@ def ort_session(
     optimization: str = "all",
     optimized_model_path: str | os.PathLike[str] | None = None,
     profile: bool = False,
+    spinning: bool = True,
 ) -> Any:
     """An ``onnxruntime.InferenceSession`` on the CPU provider.
 
     Defaults follow ``BENCHMARKS.md``: intra-op 2 threads, inter-op 1, ``ORT_ENABLE_ALL``.
     ``optimization`` is one of ``disable | basic | extended | all``; ``optimized_model_path`` saves
-    the graph ORT actually runs (how tests check which kernels were fused).
+    the graph ORT actually runs (how tests check which kernels were fused). ``spinning=False``
+    stops idle worker threads busy-waiting between runs: slower runs, but timings of several
+    sessions interleaved no longer disturb each other (what ``quant.prefix`` compares).
     """
     import onnxruntime as ort
 
@@ -50,6 +53,8 @@ def ort_session(
         so.optimized_model_filepath = str(optimized_model_path)
     if profile:
         so.enable_profiling = True
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     src: str | bytes = model if isinstance(model, bytes) else str(model)
     if isinstance(src, str) and not Path(src).is_file():
         raise ExportError(f"ONNX file {src!r} does not exist", fix="export the model first")

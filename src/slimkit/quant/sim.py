@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,13 +101,15 @@ def _tensor_inputs(node: fx.Node, kind: str) -> list[fx.Node]:
     return [a for a in args if isinstance(a, fx.Node) and a.op != "get_attr"]
 
 
-def place(gm: fx.GraphModule, scope: Scope | None) -> Placement:
-    """Decide the quantization points of ``gm`` (see the module docstring)."""
+def place(gm: fx.GraphModule, scope: Scope | None, keep_float: Collection[str] = ()) -> Placement:
+    """Decide the quantization points of ``gm`` (see the module docstring); layers out of
+    ``scope`` or named in ``keep_float`` (module targets) stay float."""
     modules = dict(gm.named_modules())
     weighted_all = [n for n, m in gm.named_modules() if isinstance(m, WEIGHTED)]
     in_scope = set(weighted_all)
     if scope is not None:
         in_scope = {n for n, _ in scope.select(gm, WEIGHTED)}
+    in_scope -= set(keep_float)
     kinds = {n.name: _kind(n, modules, in_scope) for n in gm.graph.nodes}
     plan = Placement(skipped=[n for n in weighted_all if n not in in_scope])
     marked: dict[str, str | None] = {}  # node -> None (own range) or the root it shares
@@ -136,7 +138,7 @@ def place(gm: fx.GraphModule, scope: Scope | None) -> Placement:
         return (
             _is_act(a, modules)
             and isinstance(src, fx.Node)
-            and kinds[src.name] in ("conv", "linear", "matmul", "add", "cat", "pool")
+            and kinds[src.name] in ("conv", "linear", "matmul", "add", "cat", "pool", "float")
             and fused_act(src) is a
         )
 

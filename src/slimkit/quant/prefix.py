@@ -1,0 +1,315 @@
+"""Which leading layers run faster in float than in int8 on ONNX Runtime: measured, not assumed.
+
+ORT's int8 convolutions are not faster everywhere. Profiled on an AVX-512 VNNI Xeon (2 threads,
+MobileNetV2 at 224x224): the 3-channel stem conv takes 315 us as QLinearConv and 151 us as float
+Conv; the first depthwise conv at 112x112 165 us against 117 us; the 1x1 convs after them are 2x
+faster in int8. Where the float region ends, the tensor is quantized (and re-laid out) once, which
+costs time in proportion to its size: running only the stem in float is slower overall (+0.15 ms),
+running stem, depthwise and first projection in float is faster (-0.08 ms) than all-int8.
+
+So, like an inference compiler picking the fastest kernel per layer, ``choose`` times the
+candidates: the network's leading chain of layers (from the input, up to the first branch) is cut
+after each of its layers in turn, the layers before the cut are kept float, and each variant of
+that sub-network (plus the next int8 layer, so the boundary's cost is counted) is timed in ORT,
+interleaved (0.3-1 s in all). The fastest cut wins; cuts within ``TIE`` (10 %) of it count as ties
+and the longest of those is taken, since every float layer also removes quantization noise where
+it hurts most: noise entering at the input is amplified by every layer after it (MobileNetV2,
+random weights: input noise at 41 dB SNR alone leaves 30 dB at the output; with the stem block
+float the int8 model goes 25.2 -> 26.0 dB, 26.2 with ``rotate_boundary``).
+
+Only a small leading part of a model is ever a candidate: at most ``MAX_LAYERS`` layers holding
+at most ``MAX_PARAM_SHARE`` of the weights, so the file stays int8-sized and a model never comes
+back float because it is tiny. Decisions are cached per process by the chain's structure.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from slimkit.core.data import Batch
+
+MAX_LAYERS = 8
+MAX_PARAM_SHARE = 0.02  # of the quantizable layers' weights
+# cuts within 10 % of the fastest sub-network time count as ties, and the tie with more float
+# layers is the more accurate one. The timed sub-network is a fraction of the model (MobileNetV2:
+# about half), and timing noise on 2 cores is +-2-5 %. MobileNetV2: stem + depthwise float is
+# 3-6 % faster on the sub-network, 2 % end to end, than also the projection float: 25.8 vs
+# 26.2 dB; at a 5 % tie the choice flipped between the two in 3 of 12 tries
+TIE = 0.10
+_CACHE: dict[tuple[Any, ...], PrefixChoice] = {}
+
+
+@dataclass
+class PrefixChoice:
+    """The leading layers to keep float, and the measurements behind the choice."""
+
+    layers: list[str] = field(default_factory=list)  # module targets kept float
+    candidates: list[str] = field(default_factory=list)  # the leading chain, module targets
+    times_ms: list[float] = field(default_factory=list)  # sub-network median, per cut 0..n
+    reason: str = ""
+
+    def summary(self) -> str:
+        if not self.times_ms:
+            return self.reason
+        cuts = ", ".join(f"{k}: {t:.3f}" for k, t in enumerate(self.times_ms))
+        kept = ", ".join(self.layers) or "none"
+        return f"float: {kept} (leading-chain sub-network ms by float layers {cuts})"
+
+
+def leading_chain(gm: fx.GraphModule, weighted: dict[str, str]) -> tuple[list[str], str | None]:
+    """Node names of the weighted layers on the chain from the single input to the first branch,
+    and the name of the first weighted node after it (None when the chain is the whole model)."""
+    from slimkit.quant import sim
+
+    modules = dict(gm.named_modules())
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(inputs) != 1:
+        return [], None
+    chain: list[str] = []
+    cur = inputs[0]
+    while len(cur.users) == 1:
+        (user,) = cur.users
+        if user.name in weighted:
+            chain.append(user.name)
+        elif sim._kind(user, modules, set(weighted.values())) not in ("pass", "pool"):
+            break
+        cur = user
+    # the first weighted node downstream of the chain's end, breadth first in graph order
+    seen, frontier = set(), [cur]
+    while frontier:
+        node = frontier.pop(0)
+        for u in node.users:
+            if u.name in weighted and u.name not in chain:
+                return chain, u.name
+            if u.name not in seen:
+                seen.add(u.name)
+                frontier.append(u)
+    return chain, None
+
+
+def _numel(gm: fx.GraphModule, target: str) -> int:
+    w = gm.get_submodule(target).weight
+    assert isinstance(w, torch.Tensor)
+    return int(w.numel())
+
+
+def _eligible(gm: fx.GraphModule, chain: list[str], weighted: dict[str, str]) -> list[str]:
+    total = sum(_numel(gm, t) for t in weighted.values())
+    out: list[str] = []
+    params = 0
+    for name in chain[:MAX_LAYERS]:
+        params += _numel(gm, weighted[name])
+        if params > MAX_PARAM_SHARE * total or len(out) + 1 >= len(weighted):
+            break
+        out.append(name)
+    return out
+
+
+def _sub_network(gm: fx.GraphModule, last: str) -> fx.GraphModule:
+    """A copy of ``gm`` computing only the output of node ``last`` (and its fused activation)."""
+    from slimkit.quant import sim
+
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    modules = dict(gm.named_modules())
+    end = next(n for n in gm.graph.nodes if n.name == last)
+    users = list(end.users)
+    if len(users) == 1 and sim._is_act(users[0], modules):
+        end = users[0]
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            continue
+        env[node] = graph.node_copy(node, lambda n: env[n])
+        if node is end:
+            break
+    graph.output(env[end])
+    sub = fx.GraphModule(gm, graph)
+    sub.graph.eliminate_dead_code()
+    sub.recompile()
+    return sub
+
+
+def _signature(sub: fx.GraphModule, x: torch.Tensor) -> tuple[Any, ...]:
+    from slimkit.core.machine import cpu_info
+
+    layers = tuple(
+        (type(m).__name__, tuple(m.weight.shape), getattr(m, "stride", None),
+         getattr(m, "groups", None))
+        for m in sub.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
+    )  # fmt: skip
+    acts = tuple(str(n.target) for n in sub.graph.nodes if n.op == "call_function")
+    return (tuple(x.shape), layers, acts, cpu_info().get("model", ""))
+
+
+def _variant_onnx(
+    sub: fx.GraphModule, chain: Sequence[str], k: int, weighted: dict[str, str],
+    x: torch.Tensor, dest: Path,
+) -> Path:  # fmt: skip
+    """Export ``sub`` quantized (ranges from ``x``, min-max) with its first ``k`` chain layers
+    float. Only the kernels matter for timing, so no calibration beyond one batch."""
+    import copy
+
+    from slimkit.export.onnx import export_onnx
+    from slimkit.quant import sim
+
+    variant = copy.deepcopy(sub)
+    plan = sim.place(variant, None, keep_float={weighted[n] for n in chain[:k]})
+    quants = sim.insert_quantizers(variant, plan)
+    stats = sim.observe(variant, quants, [Batch(0, (x,), {}, None)], histogram=False)
+    sim.convert(variant, plan, quants, stats, method="minmax", percentile=100.0, weight_bits=8)
+    export_onnx(variant.eval(), dest, example_inputs=(x,), check=False)
+    return dest
+
+
+def _lower_quartile_ms(runners: dict[str, Any], *, runs: int, rounds: int) -> list[float]:
+    """Per runner, the 25th percentile of its run times over interleaved rounds (ms). Other
+    processes only ever slow a run down, so a low quantile is steadier than the median (the
+    MobileNetV2 choice flipped in 1 of 5 tries with medians of 30 runs). A short first pass
+    drops the runners more than 15 % slower than the fastest; the rest get ``rounds`` more."""
+    import time
+
+    import numpy as np
+
+    samples: dict[str, list[float]] = {k: [] for k in runners}
+
+    def timed(keys: list[str], n_rounds: int) -> None:
+        for _ in range(n_rounds):
+            for k in keys:
+                run = runners[k]
+                for _ in range(runs):
+                    t0 = time.perf_counter()
+                    run()
+                    samples[k].append(time.perf_counter() - t0)
+
+    def q25(k: str) -> float:
+        return 1000 * float(np.percentile(samples[k], 25))
+
+    for run in runners.values():  # warm-up: weight packing, arena growth
+        for _ in range(3):
+            run()
+    timed(list(runners), 2)
+    best = min(q25(k) for k in runners)
+    timed([k for k in runners if q25(k) <= 1.15 * best], rounds)
+    return [q25(k) for k in runners]
+
+
+def pick(times_ms: Sequence[float], tie: float = TIE) -> int:
+    """The cut to take from the sub-network time of each cut (index = float layers): the most
+    float layers among those within ``tie`` (relative) of the fastest."""
+    finite = [t for t in times_ms if math.isfinite(t)]
+    if not finite:
+        return 0
+    best = min(finite)
+    return max(i for i, t in enumerate(times_ms) if math.isfinite(t) and t <= best * (1 + tie))
+
+
+def choose(
+    gm: fx.GraphModule, weighted: dict[str, str], example: Sequence[torch.Tensor],
+    *, runs: int = 8, rounds: int = 4,
+) -> PrefixChoice:  # fmt: skip
+    """Time the leading-chain cuts of ``gm`` (float, BN folded) in ORT; see the module docstring.
+
+    ``weighted`` maps node names to module targets of the layers that would be quantized.
+    """
+    from slimkit.analyze.latency import ort_runner
+    from slimkit.export.ort import ort_session
+
+    if len(example) != 1 or not isinstance(example[0], torch.Tensor) or example[0].dim() < 2:
+        return PrefixChoice(reason="not timed: the model does not take one batched tensor")
+    full, nxt = leading_chain(gm, weighted)
+    chain = _eligible(gm, full, weighted)
+    if len(chain) < len(full):
+        nxt = full[len(chain)]  # the first layer that stays int8 ends the timed sub-network
+    if not chain:
+        return PrefixChoice(reason="not timed: no leading chain of small layers")
+    x = example[0][:1].detach()
+    sub = _sub_network(gm, nxt or chain[-1])
+    key = _signature(sub, x) + (len(chain),)
+    if key in _CACHE:
+        return _CACHE[key]
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return PrefixChoice(reason="not timed: onnxruntime is not installed")
+    # a chain that is the whole sub-network (no next layer) never goes fully float
+    cuts = range(len(chain) + (1 if nxt is not None else 0))
+    runners = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in cuts:
+            path = _variant_onnx(sub, chain, k, weighted, x, Path(tmp) / f"cut{k}.onnx")
+            # without spinning: a busy-waiting pool of one session slows the next one's runs
+            # (measured: round medians of one variant 1.0-1.8 ms with spinning, +-5 % without)
+            runners[str(k)] = ort_runner(ort_session(path, spinning=False), [x])
+        times = _lower_quartile_ms(runners, runs=runs, rounds=rounds)
+    k = pick(times)
+    choice = PrefixChoice(
+        layers=[weighted[n] for n in chain[:k]],
+        candidates=[weighted[n] for n in chain],
+        times_ms=[round(t, 4) for t in times],
+    )
+    _CACHE[key] = choice
+    return choice
+
+
+def orthogonal(n: int) -> torch.Tensor:
+    """A fixed n x n rotation (float64): normalised Sylvester-Hadamard when n is a power of two
+    (it spreads every channel evenly over all others), else a seeded random orthogonal matrix."""
+    if n & (n - 1) == 0:
+        h = torch.ones(1, 1, dtype=torch.float64)
+        while h.shape[0] < n:
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+        return h / math.sqrt(n)
+    g = torch.Generator().manual_seed(n)
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))
+
+
+def rotate_boundary(gm: fx.GraphModule, float_layers: Sequence[str]) -> list[str]:
+    """Rotate the channels where the float prefix hands over to int8, exactly (in float).
+
+    The first quantized tensor is the one whose noise is amplified most. Where it leaves float
+    layers with no activation (a linear bottleneck) and reaches dense convs / Linears only
+    through additions, ``R x`` is as cheap to compute as ``x`` (the float producers take ``R W``,
+    the int8 consumers ``W R^T``) and mixes the channels, so the per-tensor range fits them all
+    better: MobileNetV2 (224, random weights) 26.03 -> 26.22 dB. Returns the rotated producers.
+    """
+    from slimkit.quant import cle
+
+    graph = cle._Graph(gm)
+    floated, done = set(float_layers), []
+    keep = (nn.Identity, nn.Dropout)
+    for node in gm.graph.nodes:
+        if str(node.target) not in floated or graph.weighted(node) is None:
+            continue
+        group, _ = graph.group_of(node)
+        if group is None or not set(group.producers) <= floated or group.axis != 1:
+            continue
+        mods = [graph.modules[n] for n in (*group.producers, *group.consumers)]
+        if any(cle._depthwise(m) or getattr(m, "groups", 1) != 1 for m in mods):
+            continue
+        ops = [graph.nodes[t] for t in group.tensors]
+        if not all(graph.weighted(n) is not None or graph.is_add(n)
+                   or isinstance(graph.module(n), keep) for n in ops):  # fmt: skip
+            continue  # ReLU, pooling, ...: not rotation-invariant
+        rot = orthogonal(group.channels)
+        with torch.no_grad():
+            for p in group.producers:
+                m = graph.modules[p]
+                w = m.weight.detach().double()
+                m.weight.copy_((rot @ w.flatten(1)).view_as(w).to(m.weight.dtype))
+                if m.bias is not None:
+                    m.bias.copy_((rot @ m.bias.double()).to(m.bias.dtype))
+            for c in group.consumers:
+                m = graph.modules[c]
+                w = m.weight.detach().double()
+                m.weight.copy_(torch.einsum("oi...,ji->oj...", w, rot).to(m.weight.dtype))
+        done.extend(group.producers)
+    return done
