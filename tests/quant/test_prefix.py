@@ -154,3 +154,9 @@ def test_rotate_boundary_is_exact_in_float_and_only_where_it_may() -> None:
     with torch.no_grad():
         after = gm(x)
     assert (after - before).abs().max() <= 1e-5 * before.abs().max()
+
+
+def test_models_not_timed_say_why() -> None:
+    gm, plan, x = _folded(MNV2)
+    choice = prefix.choose(gm, plan.weighted, (x, x))
+    assert choice.layers == [] and "one batched tensor" in choice.summary()

@@ -230,25 +230,27 @@ def choose(
         nxt = full[len(chain)]  # the first layer that stays int8 ends the timed sub-network
     if not chain:
         return PrefixChoice(reason="not timed: no leading chain of small layers")
+    from slimkit.errors import SlimkitError
+
     x = example[0][:1].detach()
-    sub = _sub_network(gm, nxt or chain[-1])
-    key = _signature(sub, x) + (len(chain),)
-    if key in _CACHE:
-        return _CACHE[key]
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return PrefixChoice(reason="not timed: onnxruntime is not installed")
     # a chain that is the whole sub-network (no next layer) never goes fully float
     cuts = range(len(chain) + (1 if nxt is not None else 0))
-    runners = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for k in cuts:
-            path = _variant_onnx(sub, chain, k, weighted, x, Path(tmp) / f"cut{k}.onnx")
-            # without spinning: a busy-waiting pool of one session slows the next one's runs
-            # (measured: round medians of one variant 1.0-1.8 ms with spinning, +-5 % without)
-            runners[str(k)] = ort_runner(ort_session(path, spinning=False), [x])
-        times = _lower_quartile_ms(runners, runs=runs, rounds=rounds)
+    try:
+        sub = _sub_network(gm, nxt or chain[-1])
+        key = _signature(sub, x) + (len(chain),)
+        if key in _CACHE:
+            return _CACHE[key]
+        runners = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for k in cuts:
+                path = _variant_onnx(sub, chain, k, weighted, x, Path(tmp) / f"cut{k}.onnx")
+                # without spinning: a busy-waiting pool of one session slows the next one's
+                # runs (round medians of one variant 1.0-1.8 ms with spinning, +-5 % without)
+                runners[str(k)] = ort_runner(ort_session(path, spinning=False), [x])
+            times = _lower_quartile_ms(runners, runs=runs, rounds=rounds)
+    except (SlimkitError, RuntimeError, ValueError) as e:  # timing is an optimisation only
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        return PrefixChoice(reason=f"not timed: {type(e).__name__}: {first}")
     k = pick(times)
     choice = PrefixChoice(
         layers=[weighted[n] for n in chain[:k]],
