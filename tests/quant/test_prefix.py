@@ -69,7 +69,7 @@ def test_choose_times_every_cut_and_keeps_a_prefix(tmp_path: Path) -> None:
     assert len(choice.times_ms) == len(choice.candidates) + 1 == 7  # cuts 0..6, all timed
     assert all(t > 0 for t in choice.times_ms)
     assert choice.layers == choice.candidates[: len(choice.layers)]
-    assert prefix.choose(gm, plan.weighted, (x,)) is choice  # cached by structure
+    assert prefix.choose(gm, plan.weighted, (x,)) == choice  # cached by structure
 
 
 def test_keep_float_places_the_quantizer_after_the_float_layers_activation() -> None:
@@ -88,9 +88,10 @@ def test_timed_choice_is_recorded_and_the_rest_stays_integer(tmp_path: Path) -> 
     prefix._CACHE.clear()
     q = quantize_ptq(model, PTQ(), data=calib)
     meta = q.meta["slimkit"]
-    (choice,) = prefix._CACHE.values()
+    assert len(prefix._CACHE) == 1
+    choice = prefix.choose(*_placed(model, calib[0]), (calib[0],))  # the cached choice
     assert meta["float_prefix"] == choice.summary()
-    assert meta["float_layers"] == choice.layers
+    assert meta["float_layers"] == meta["float_prefix_layers"] == choice.layers
     for name in choice.layers:
         assert isinstance(q.get_submodule(name), nn.Conv2d)  # not swapped for a QuantLayer
     rep, kernels = export_quantized(q, tmp_path / "q.onnx", example_inputs=(calib[0],))
@@ -160,3 +161,57 @@ def test_models_not_timed_say_why() -> None:
     gm, plan, x = _folded(MNV2)
     choice = prefix.choose(gm, plan.weighted, (x, x))
     assert choice.layers == [] and "one batched tensor" in choice.summary()
+
+
+def test_a_cached_choice_is_named_for_the_model_asking() -> None:
+    """The cache is keyed by structure; the layer names come from each model."""
+    model = create_model(MNV2)
+    x = example_inputs(MNV2, batch=2, seed=0)[0]
+    first = prefix.choose(*_placed(model, x), (x,))
+    wrapped = prefix.choose(*_placed(nn.Sequential(model), x), (x,))
+    assert wrapped.times_ms == first.times_ms  # the same timing, from the cache
+    assert wrapped.layers == ["0." + n for n in first.layers]
+
+
+def _placed(model: nn.Module, x: torch.Tensor) -> tuple[torch.fx.GraphModule, dict[str, str]]:
+    gm = fold_bn(model.eval(), example_inputs=(x,))
+    return gm, sim.place(gm, None).weighted
+
+
+class TwoWriters(nn.Module):
+    """Two float 1x1 convs write one stream (a + b), read by an int8 1x1 conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 1)
+        self.c = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(self.a(x) + self.b(x))
+
+
+def test_rotate_boundary_rotates_a_shared_stream_once_and_only_if_all_writers_are_float() -> None:
+    x = torch.randn(2, 3, 5, 5)
+    gm = torch.fx.symbolic_trace(TwoWriters().eval())
+    before = gm(x).detach()
+    w_c = gm.c.weight.detach().clone()
+    assert prefix.rotate_boundary(gm, ["a"]) == []  # b is int8: its rows cannot take R
+    assert prefix.rotate_boundary(gm, ["a", "b"]) == ["a", "b"]
+    assert not torch.allclose(gm.c.weight, w_c)  # rotated once (a Hadamard twice is identity)
+    assert torch.allclose(gm(x), before, atol=1e-5)
+
+
+def test_rotate_boundary_leaves_masked_or_sparse_layers_alone() -> None:
+    from torch.nn.utils import parametrize
+
+    class Mask(nn.Module):
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return w * (torch.arange(w.shape[1]) % 2 == 0).view(1, -1, 1, 1)
+
+    gm = torch.fx.symbolic_trace(TwoWriters().eval())
+    parametrize.register_parametrization(gm.c, "weight", Mask())
+    assert prefix.rotate_boundary(gm, ["a", "b"]) == []
+    gm = torch.fx.symbolic_trace(TwoWriters().eval())
+    with torch.no_grad():
+        gm.c.weight[:, ::2] = 0.0  # a pruned consumer would come out dense
+    assert prefix.rotate_boundary(gm, ["a", "b"]) == []

@@ -62,6 +62,7 @@ from torch import fx, nn
 from slimkit.core.data import Batch, collect_batches
 from slimkit.core.graph import capture
 from slimkit.errors import ConfigError
+from slimkit.quant.primitives import is_depthwise
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _WEIGHTED = (*_CONVS, nn.Linear)
@@ -132,8 +133,7 @@ def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
     return f"{getattr(node.target, '__name__', node.target)} {node.name!r}"
 
 
-def _depthwise(m: nn.Module) -> bool:
-    return isinstance(m, _CONVS) and m.groups == m.in_channels == m.out_channels and m.groups > 1
+_depthwise = is_depthwise
 
 
 def _weight(m: nn.Module) -> torch.Tensor:

@@ -35,6 +35,7 @@ import torch
 from torch import fx, nn
 
 from slimkit.core.data import Batch
+from slimkit.quant import sim
 
 MAX_LAYERS = 8
 MAX_PARAM_SHARE = 0.02  # of the quantizable layers' weights
@@ -44,7 +45,8 @@ MAX_PARAM_SHARE = 0.02  # of the quantizable layers' weights
 # 3-6 % faster on the sub-network, 2 % end to end, than also the projection float: 25.8 vs
 # 26.2 dB; at a 5 % tie the choice flipped between the two in 3 of 12 tries
 TIE = 0.10
-_CACHE: dict[tuple[Any, ...], PrefixChoice] = {}
+# structure of the timed sub-network -> (cut, times); names are re-read from each model
+_CACHE: dict[tuple[Any, ...], tuple[int, list[float]]] = {}
 
 
 @dataclass
@@ -53,7 +55,7 @@ class PrefixChoice:
 
     layers: list[str] = field(default_factory=list)  # module targets kept float
     candidates: list[str] = field(default_factory=list)  # the leading chain, module targets
-    times_ms: list[float] = field(default_factory=list)  # sub-network median, per cut 0..n
+    times_ms: list[float] = field(default_factory=list)  # sub-network, 25th pct, per cut 0..n
     reason: str = ""
 
     def summary(self) -> str:
@@ -67,8 +69,6 @@ class PrefixChoice:
 def leading_chain(gm: fx.GraphModule, weighted: dict[str, str]) -> tuple[list[str], str | None]:
     """Node names of the weighted layers on the chain from the single input to the first branch,
     and the name of the first weighted node after it (None when the chain is the whole model)."""
-    from slimkit.quant import sim
-
     modules = dict(gm.named_modules())
     inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(inputs) != 1:
@@ -115,8 +115,6 @@ def _eligible(gm: fx.GraphModule, chain: list[str], weighted: dict[str, str]) ->
 
 def _sub_network(gm: fx.GraphModule, last: str) -> fx.GraphModule:
     """A copy of ``gm`` computing only the output of node ``last`` (and its fused activation)."""
-    from slimkit.quant import sim
-
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     modules = dict(gm.named_modules())
@@ -137,31 +135,39 @@ def _sub_network(gm: fx.GraphModule, last: str) -> fx.GraphModule:
     return sub
 
 
-def _signature(sub: fx.GraphModule, x: torch.Tensor) -> tuple[Any, ...]:
+def _signature(sub: fx.GraphModule, x: torch.Tensor, keep: frozenset[str]) -> tuple[Any, ...]:
+    """What the timing depends on: the ops in order with their shapes and settings (not the
+    names, not the weights), the input shape, the layers kept float anyway, the CPU."""
     from slimkit.core.machine import cpu_info
 
-    layers = tuple(
-        (type(m).__name__, tuple(m.weight.shape), getattr(m, "stride", None),
-         getattr(m, "groups", None))
-        for m in sub.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
-    )  # fmt: skip
-    acts = tuple(str(n.target) for n in sub.graph.nodes if n.op == "call_function")
-    return (tuple(x.shape), layers, acts, cpu_info().get("model", ""))
+    modules = dict(sub.named_modules())
+    ops: list[Any] = []
+    for n in sub.graph.nodes:
+        if n.op == "call_module":
+            m = modules[str(n.target)]
+            w = getattr(m, "weight", None)
+            settings = tuple(getattr(m, a, None) for a in ("stride", "padding", "dilation",
+                             "groups", "padding_mode", "kernel_size", "output_size"))  # fmt: skip
+            ops.append((type(m).__name__, tuple(w.shape) if isinstance(w, torch.Tensor) else None,
+                        settings, str(n.target) in keep))  # fmt: skip
+        elif n.op in ("call_function", "call_method"):
+            ops.append((n.op, str(n.target), str(n.args[1:]), str(sorted(n.kwargs.items()))))
+    return (tuple(x.shape), tuple(ops), cpu_info().get("model", ""))
 
 
 def _variant_onnx(
     sub: fx.GraphModule, chain: Sequence[str], k: int, weighted: dict[str, str],
-    x: torch.Tensor, dest: Path,
+    x: torch.Tensor, dest: Path, keep: frozenset[str],
 ) -> Path:  # fmt: skip
     """Export ``sub`` quantized (ranges from ``x``, min-max) with its first ``k`` chain layers
-    float. Only the kernels matter for timing, so no calibration beyond one batch."""
+    float, and the ``keep`` layers (out of scope) float as in the real model. Only the kernels
+    matter for timing, so no calibration beyond one batch."""
     import copy
 
     from slimkit.export.onnx import export_onnx
-    from slimkit.quant import sim
 
     variant = copy.deepcopy(sub)
-    plan = sim.place(variant, None, keep_float={weighted[n] for n in chain[:k]})
+    plan = sim.place(variant, None, keep_float=keep | {weighted[n] for n in chain[:k]})
     quants = sim.insert_quantizers(variant, plan)
     stats = sim.observe(variant, quants, [Batch(0, (x,), {}, None)], histogram=False)
     sim.convert(variant, plan, quants, stats, method="minmax", percentile=100.0, weight_bits=8)
@@ -230,35 +236,35 @@ def choose(
         nxt = full[len(chain)]  # the first layer that stays int8 ends the timed sub-network
     if not chain:
         return PrefixChoice(reason="not timed: no leading chain of small layers")
-    from slimkit.errors import SlimkitError
-
     x = example[0][:1].detach()
     # a chain that is the whole sub-network (no next layer) never goes fully float
     cuts = range(len(chain) + (1 if nxt is not None else 0))
     try:
         sub = _sub_network(gm, nxt or chain[-1])
-        key = _signature(sub, x) + (len(chain),)
-        if key in _CACHE:
-            return _CACHE[key]
-        runners = {}
-        with tempfile.TemporaryDirectory() as tmp:
-            for k in cuts:
-                path = _variant_onnx(sub, chain, k, weighted, x, Path(tmp) / f"cut{k}.onnx")
-                # without spinning: a busy-waiting pool of one session slows the next one's
-                # runs (round medians of one variant 1.0-1.8 ms with spinning, +-5 % without)
-                runners[str(k)] = ort_runner(ort_session(path, spinning=False), [x])
-            times = _lower_quartile_ms(runners, runs=runs, rounds=rounds)
-    except (SlimkitError, RuntimeError, ValueError) as e:  # timing is an optimisation only
+        in_sub = {str(n.target) for n in sub.graph.nodes if n.op == "call_module"}
+        keep = frozenset(t for t in in_sub if isinstance(sub.get_submodule(t), sim.WEIGHTED)
+                         and t not in set(weighted.values()))  # fmt: skip
+        key = _signature(sub, x, keep) + (len(chain),)
+        if key not in _CACHE:
+            runners = {}
+            with tempfile.TemporaryDirectory() as tmp:
+                for k in cuts:
+                    dest = Path(tmp) / f"cut{k}.onnx"
+                    path = _variant_onnx(sub, chain, k, weighted, x, dest, keep)
+                    # without spinning: a busy-waiting pool of one session slows the next one's
+                    # runs (round medians of one variant 1.0-1.8 ms with spinning, +-5 % without)
+                    runners[str(k)] = ort_runner(ort_session(path, spinning=False), [x])
+                times = _lower_quartile_ms(runners, runs=runs, rounds=rounds)
+            _CACHE[key] = (pick(times), [round(t, 4) for t in times])
+    except Exception as e:  # noqa: BLE001 - the timing is an optimisation: never fail on it
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
         return PrefixChoice(reason=f"not timed: {type(e).__name__}: {first}")
-    k = pick(times)
-    choice = PrefixChoice(
+    k, times = _CACHE[key]
+    return PrefixChoice(
         layers=[weighted[n] for n in chain[:k]],
         candidates=[weighted[n] for n in chain],
-        times_ms=[round(t, 4) for t in times],
+        times_ms=list(times),
     )
-    _CACHE[key] = choice
-    return choice
 
 
 def orthogonal(n: int) -> torch.Tensor:
@@ -278,24 +284,35 @@ def rotate_boundary(gm: fx.GraphModule, float_layers: Sequence[str]) -> list[str
     """Rotate the channels where the float prefix hands over to int8, exactly (in float).
 
     The first quantized tensor is the one whose noise is amplified most. Where it leaves float
-    layers with no activation (a linear bottleneck) and reaches dense convs / Linears only
+    convs with no activation (a linear bottleneck) and reaches dense (groups=1) convs only
     through additions, ``R x`` is as cheap to compute as ``x`` (the float producers take ``R W``,
     the int8 consumers ``W R^T``) and mixes the channels, so the per-tensor range fits them all
-    better: MobileNetV2 (224, random weights) 26.03 -> 26.22 dB. Returns the rotated producers.
+    better: MobileNetV2 (224, random weights) 26.03 -> 26.22 dB. Layers with parametrized
+    weights (pruning masks) or with zeros to keep (1 % of the weights or more: a rotation would
+    make them dense) are left alone. Returns the rotated producers.
     """
+    from torch.nn.utils import parametrize
+
     from slimkit.quant import cle
 
     graph = cle._Graph(gm)
     floated, done = set(float_layers), []
     keep = (nn.Identity, nn.Dropout)
+    seen: set[tuple[str, ...]] = set()
     for node in gm.graph.nodes:
         if str(node.target) not in floated or graph.weighted(node) is None:
             continue
         group, _ = graph.group_of(node)
         if group is None or not set(group.producers) <= floated or group.axis != 1:
             continue
+        if tuple(group.producers) in seen:  # reached again from its other producers
+            continue
+        seen.add(tuple(group.producers))
         mods = [graph.modules[n] for n in (*group.producers, *group.consumers)]
-        if any(cle._depthwise(m) or getattr(m, "groups", 1) != 1 for m in mods):
+        if any(getattr(m, "groups", 1) != 1 for m in mods):  # depthwise included
+            continue
+        if any(parametrize.is_parametrized(m) or not isinstance(m.weight, nn.Parameter)
+               or float((m.weight == 0).float().mean()) >= 0.01 for m in mods):  # fmt: skip
             continue
         ops = [graph.nodes[t] for t in group.tensors]
         if not all(graph.weighted(n) is not None or graph.is_add(n)

@@ -11,6 +11,7 @@ gradient, so a simulated model trains (QAT) and evaluates exactly like the integ
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from slimkit.errors import ConfigError
 
@@ -111,3 +112,12 @@ def nhwc(x: torch.Tensor) -> torch.Tensor | None:
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=cl):
         return x.permute(0, 2, 3, 1)
     return None
+
+
+def is_depthwise(m: nn.Module) -> bool:
+    """A conv whose every output channel reads only its own input channel (groups = channels)."""
+    return (
+        isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+        and m.groups > 1
+        and m.groups == m.in_channels == m.out_channels
+    )

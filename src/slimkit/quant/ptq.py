@@ -16,7 +16,8 @@ Float prefix (``float_prefix=True``, quant.prefix): ORT's int8 kernels are not f
 a 3-channel stem conv ran 2x slower as QLinearConv than as float Conv, a depthwise conv at 112x112
 1.4x slower. The leading layers of the network are timed in ORT both ways when quantizing (0.3-1 s)
 and kept float where that is faster, which also removes the quantization noise that every later
-layer amplifies (MobileNetV2: 2 % faster and 25.2 -> 26.0 dB; ResNet-18's 7x7 stem stays int8).
+layer amplifies (MobileNetV2: 2-5 % faster, 25.2 -> 26.0 dB; ResNet-18's 7x7 stem stays int8).
+The timing runs at batch 1, 2 threads, on this CPU (the deployment this toolkit measures).
 The choice is recorded in ``meta["float_prefix_layers"]``; pass that list back as
 ``float_prefix`` to repeat it exactly, or ``False`` for all-int8.
 
@@ -48,6 +49,7 @@ from slimkit.core.registry import METHODS
 from slimkit.core.scope import Scope
 from slimkit.errors import DataError
 from slimkit.quant import bias_correction, sim
+from slimkit.quant.primitives import is_depthwise
 
 _T = TypeVar("_T")
 
@@ -71,8 +73,8 @@ class PTQ(Config):
     # embedding tables as int8 rows with a scale each (weight-only; BERT's file 34.8 -> ~12 MB)
     embeddings: bool = True
     # keep the model's first layers float where ORT runs them faster than int8, timed here
-    # (quant.prefix; MobileNetV2: stem block float, 2-4 % faster and 25.2 -> 26.0 dB); False:
-    # none; a list of layer names: exactly those (to repeat a choice: meta["float_layers"])
+    # (quant.prefix; MobileNetV2: stem block float, 2-5 % faster and 25.2 -> 26.0 dB); False:
+    # none; a list of layer names: exactly those (to repeat: meta["float_prefix_layers"])
     float_prefix: bool | list[str] = True
     rotate_boundary: bool = True  # where the float prefix ends (quant.prefix.rotate_boundary)
 
@@ -89,12 +91,7 @@ def layer_bits(bits: int) -> Callable[[nn.Module, Any], int]:
     in 32 bits, measured exact with 8-bit weights on AVX2), every other layer ``bits``."""
 
     def choose(layer: nn.Module, _in_quant: Any) -> int:
-        depthwise = (
-            isinstance(layer, (nn.Conv1d, nn.Conv2d))
-            and layer.groups > 1
-            and (layer.groups == layer.in_channels == layer.out_channels)
-        )
-        return 8 if depthwise else bits
+        return 8 if is_depthwise(layer) else bits
 
     return choose
 
