@@ -178,8 +178,9 @@ def _variant_onnx(
 def _lower_quartile_ms(runners: dict[str, Any], *, runs: int, rounds: int) -> list[float]:
     """Per runner, the 25th percentile of its run times over interleaved rounds (ms). Other
     processes only ever slow a run down, so a low quantile is steadier than the median (the
-    MobileNetV2 choice flipped in 1 of 5 tries with medians of 30 runs). A short first pass
-    drops the runners more than 15 % slower than the fastest; the rest get ``rounds`` more."""
+    MobileNetV2 choice flipped in 1 of 5 tries with medians of 30 runs). A first round of
+    ``runs`` drops the runners more than 15 % slower than the fastest; if several are left, they
+    get ``rounds`` more."""
     import time
 
     import numpy as np
@@ -201,9 +202,11 @@ def _lower_quartile_ms(runners: dict[str, Any], *, runs: int, rounds: int) -> li
     for run in runners.values():  # warm-up: weight packing, arena growth
         for _ in range(3):
             run()
-    timed(list(runners), 2)
+    timed(list(runners), 1)
     best = min(q25(k) for k in runners)
-    timed([k for k in runners if q25(k) <= 1.15 * best], rounds)
+    close = [k for k in runners if q25(k) <= 1.15 * best]
+    if len(close) > 1:  # only a close call needs more runs
+        timed(close, rounds)
     return [q25(k) for k in runners]
 
 
