@@ -37,6 +37,7 @@ from slimkit.zoo import create_model, example_inputs  # noqa: E402
 
 FULL = ["resnet18", "mobilenetv2", "bert_encoder"]
 QUICK = ["resnet18_cifar", "mobilenetv2_cifar", "bert_encoder"]
+ROW_NAME = {"bert_encoder": "encoder"}  # the result-file names of BENCHMARKS.md / issue 5
 N_CALIB, N_TEST = 32, 8
 
 
@@ -135,7 +136,7 @@ def bench_model(name: str, quick: bool, tmp: Path) -> list[dict[str, Any]]:
     for label, v in variants.items():
         s = stats[label]
         row = {
-            "model": name, "tool": v["tool"], "method": label, "batch": 1,
+            "model": ROW_NAME.get(name, name), "tool": v["tool"], "method": label, "batch": 1,
             "latency_ms": round(s.median_ms, 3),
             "latency_spread_ms": [round(t, 3) for t in s.spread_ms],
             "sqnr_db": round(v["sqnr_db"], 2) if label != "fp32" else None,

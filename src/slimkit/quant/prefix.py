@@ -55,7 +55,7 @@ class PrefixChoice:
 
     layers: list[str] = field(default_factory=list)  # module targets kept float
     candidates: list[str] = field(default_factory=list)  # the leading chain, module targets
-    times_ms: list[float] = field(default_factory=list)  # sub-network, 25th pct, per cut 0..n
+    times_ms: list[float] = field(default_factory=list)  # sub-network ms, per cut 0..n
     reason: str = ""
 
     def summary(self) -> str:
@@ -175,39 +175,38 @@ def _variant_onnx(
     return dest
 
 
-def _lower_quartile_ms(runners: dict[str, Any], *, runs: int, rounds: int) -> list[float]:
-    """Per runner, the 25th percentile of its run times over interleaved rounds (ms). Other
-    processes only ever slow a run down, so a low quantile is steadier than the median (the
-    MobileNetV2 choice flipped in 1 of 5 tries with medians of 30 runs). A first round of
-    ``runs`` drops the runners more than 15 % slower than the fastest; if several are left, they
-    get ``rounds`` more."""
+def _round_quartiles_ms(runners: dict[str, Any], *, runs: int, rounds: int) -> list[float]:
+    """Per runner: the 25th percentile of its ``runs`` run times in each round, the median over
+    rounds (ms). Rounds interleave the runners, so a slow spell of the machine hits one round of
+    every runner, not all runs of one; other processes only ever slow a run, so a low quantile
+    is steadier than the median. A first round drops the runners more than 30 % slower than the
+    fastest; if several are left, they get ``rounds`` more. (The MobileNetV2 choice flipped in
+    1 of 5 tries with medians of 30 pooled runs; this way 0 of 12.)"""
     import time
 
     import numpy as np
 
-    samples: dict[str, list[float]] = {k: [] for k in runners}
+    per_round: dict[str, list[float]] = {k: [] for k in runners}
 
     def timed(keys: list[str], n_rounds: int) -> None:
         for _ in range(n_rounds):
             for k in keys:
-                run = runners[k]
+                run, ts = runners[k], []
                 for _ in range(runs):
                     t0 = time.perf_counter()
                     run()
-                    samples[k].append(time.perf_counter() - t0)
-
-    def q25(k: str) -> float:
-        return 1000 * float(np.percentile(samples[k], 25))
+                    ts.append(time.perf_counter() - t0)
+                per_round[k].append(1000 * float(np.percentile(ts, 25)))
 
     for run in runners.values():  # warm-up: weight packing, arena growth
         for _ in range(3):
             run()
     timed(list(runners), 1)
-    best = min(q25(k) for k in runners)
-    close = [k for k in runners if q25(k) <= 1.15 * best]
-    if len(close) > 1:  # only a close call needs more runs
+    best = min(v[0] for v in per_round.values())
+    close = [k for k, v in per_round.items() if v[0] <= 1.3 * best]
+    if len(close) > 1:  # only a close call needs more rounds
         timed(close, rounds)
-    return [q25(k) for k in runners]
+    return [float(np.median(per_round[k][1:] or per_round[k])) for k in runners]
 
 
 def pick(times_ms: Sequence[float], tie: float = TIE) -> int:
@@ -222,7 +221,7 @@ def pick(times_ms: Sequence[float], tie: float = TIE) -> int:
 
 def choose(
     gm: fx.GraphModule, weighted: dict[str, str], example: Sequence[torch.Tensor],
-    *, runs: int = 8, rounds: int = 4,
+    *, runs: int = 8, rounds: int = 5,
 ) -> PrefixChoice:  # fmt: skip
     """Time the leading-chain cuts of ``gm`` (float, BN folded) in ORT; see the module docstring.
 
@@ -257,7 +256,7 @@ def choose(
                     # without spinning: a busy-waiting pool of one session slows the next one's
                     # runs (round medians of one variant 1.0-1.8 ms with spinning, +-5 % without)
                     runners[str(k)] = ort_runner(ort_session(path, spinning=False), [x])
-                times = _lower_quartile_ms(runners, runs=runs, rounds=rounds)
+                times = _round_quartiles_ms(runners, runs=runs, rounds=rounds)
             _CACHE[key] = (pick(times), [round(t, 4) for t in times])
     except Exception as e:  # noqa: BLE001 - the timing is an optimisation: never fail on it
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
