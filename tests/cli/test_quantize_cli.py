@@ -59,3 +59,14 @@ def test_quantize_with_max_drop_reports_the_fallback(tmp_path: Path) -> None:
     assert fb["steps"][0]["float_layers"] == []
     res = runner.invoke(app, ["quantize", "zoo:residual", "--out", str(out), "--max-drop", "0.01"])
     assert res.exit_code == 2 and "bundled task" in res.output
+
+
+def test_quantize_all_int8_keeps_no_float_layer(tmp_path: Path) -> None:
+    out = tmp_path / "q"
+    res = runner.invoke(app, ["quantize", "zoo:mobilenetv2_cifar", "--all-int8", "--out", str(out),
+                              "--runs", "2", "--num-batches", "4", "--json"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.stdout)
+    assert r["float_layers"] == [] and r["kernels"]["float_compute"] == 0
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert recipe["steps"][0]["quant.ptq"]["float_prefix"] == []

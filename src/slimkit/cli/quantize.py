@@ -30,6 +30,11 @@ def quantize_cmd(
     max_drop: float | None = typer.Option(
         None, min=0.0, help="keep the fewest layers in float so val top-1 drops at most this"
     ),
+    float_prefix: bool = typer.Option(
+        True,
+        "--float-prefix/--all-int8",
+        help="keep the first layers float where ORT runs them faster (timed here), or not",
+    ),  # fmt: skip
     runs: int = typer.Option(30, min=1, help="timed runs per latency round"),
     json_out: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
 ) -> None:
@@ -50,7 +55,8 @@ def quantize_cmd(
 
     configure_threads(2)
     bits: Any = weight_bits if weight_bits == "auto" else int(weight_bits)
-    cfg = PTQ(calibration=method, percentile=percentile, weight_bits=bits, num_batches=num_batches)
+    cfg = PTQ(calibration=method, percentile=percentile, weight_bits=bits, num_batches=num_batches,
+              float_prefix=float_prefix)  # fmt: skip
     shape = parse_shape(input_shape) if input_shape else None
     rm = resolve_model(model, weights=weights, input_shape=shape, progress=not json_out)
     task = None
