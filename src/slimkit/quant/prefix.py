@@ -11,11 +11,12 @@ So, like an inference compiler picking the fastest kernel per layer, ``choose`` 
 candidates: the network's leading chain of layers (from the input, up to the first branch) is cut
 after each of its layers in turn, the layers before the cut are kept float, and each variant of
 that sub-network (plus the next int8 layer, so the boundary's cost is counted) is timed in ORT,
-interleaved (0.3-1 s in all). The fastest cut wins; cuts within ``TIE`` (10 %) of it count as ties
-and the longest of those is taken, since every float layer also removes quantization noise where
-it hurts most: noise entering at the input is amplified by every layer after it (MobileNetV2,
-random weights: input noise at 41 dB SNR alone leaves 30 dB at the output; with the stem block
-float the int8 model goes 25.2 -> 26.0 dB, 26.2 with ``rotate_boundary``).
+interleaved (0.15 s for ResNet-18, 0.9 s for MobileNetV2). The fastest cut wins; cuts within
+``TIE`` (10 %) of it count as ties and the longest of those is taken, since every float layer also
+removes quantization noise where it hurts most: noise entering at the input is amplified by every
+layer after it (MobileNetV2, random weights: input noise at 41 dB SNR alone leaves 30 dB at the
+output; with the stem block float the int8 model goes 25.2 -> 26.0 dB, 26.2 with
+``rotate_boundary``).
 
 Only a small leading part of a model is ever a candidate: at most ``MAX_LAYERS`` layers holding
 at most ``MAX_PARAM_SHARE`` of the weights, so the file stays int8-sized and a model never comes

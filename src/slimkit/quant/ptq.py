@@ -12,14 +12,14 @@ The result is an ``fx.GraphModule`` that simulates the integer model exactly; ex
 ``sk.export_onnx`` (QDQ ONNX) or ``slimkit.export.qdq.export_quantized`` (also counts the integer
 kernels ORT runs). BatchNorm is folded first (exactly; see graph_opt.bn_fold).
 
-Float prefix (``float_prefix=True``, quant.prefix): ORT's int8 kernels are not faster everywhere:
-a 3-channel stem conv ran 2x slower as QLinearConv than as float Conv, a depthwise conv at 112x112
-1.4x slower. The leading layers of the network are timed in ORT both ways when quantizing (0.3-1 s)
-and kept float where that is faster, which also removes the quantization noise that every later
-layer amplifies (MobileNetV2: 2-5 % faster, 25.2 -> 26.0 dB; ResNet-18's 7x7 stem stays int8).
-The timing runs at batch 1, 2 threads, on this CPU (the deployment this toolkit measures).
-The choice is recorded in ``meta["float_prefix_layers"]``; pass that list back as
-``float_prefix`` to repeat it exactly, or ``False`` for all-int8.
+Float prefix (``float_prefix=True``, quant.prefix): ORT's int8 kernels are not faster everywhere: a
+3-channel stem conv ran 2x slower as QLinearConv than as float Conv, a depthwise conv at 112x112
+1.4x slower. The leading layers of the network are timed in ORT both ways when quantizing (0.15-0.9
+s) and kept float where that is faster, which also removes the quantization noise that every later
+layer amplifies (MobileNetV2: 2-5 % faster, 25.2 -> 26.0 dB; ResNet-18's 7x7 stem stays int8). The
+timing runs at batch 1, 2 threads, on this CPU (the deployment this toolkit measures). The choice
+is recorded in ``meta["float_prefix_layers"]``; pass that list back as ``float_prefix`` to repeat
+it exactly, or ``False`` for all-int8.
 
 Weight bits: on CPUs without VNNI, ORT's uint8 x int8 kernels add pairs of products in 16 bits and
 saturate with full 8-bit weights (measured here, AVX2: 27 output steps of error on a 3x3 conv fed
