@@ -102,6 +102,16 @@ def _fail(model: nn.Module, where: str, e: BaseException, method: str) -> GraphC
     )
 
 
+def call_counts(gm: fx.GraphModule) -> dict[str, int]:
+    """How many times the graph calls each submodule (by target): a rewrite of a module's weights
+    is only safe for a module called once."""
+    counts: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            counts[str(n.target)] = counts.get(str(n.target), 0) + 1
+    return counts
+
+
 def capture(
     model: nn.Module,
     example_inputs: tuple[Any, ...] | None = None,

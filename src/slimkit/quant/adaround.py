@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from slimkit.core.data import Batch
+from slimkit.core.graph import call_counts
 from slimkit.errors import DataError
 from slimkit.quant.modules import ActQuant, QuantLayer
 
@@ -346,10 +347,7 @@ def adaround(
     report = AdaRoundReport()
     t_all = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
-    calls: dict[str, int] = {}
-    for n in qmodel.graph.nodes:
-        if n.op == "call_module":
-            calls[str(n.target)] = calls.get(str(n.target), 0) + 1
+    calls = call_counts(qmodel)
 
     def visit(node: fx.Node, layer: QuantLayer, xf: list[torch.Tensor], xq: list[torch.Tensor]):
         t0 = time.perf_counter()

@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from slimkit.core.data import Batch, collect_batches
-from slimkit.core.graph import capture
+from slimkit.core.graph import call_counts, capture
 from slimkit.errors import ConfigError
 from slimkit.quant.primitives import is_depthwise
 
@@ -133,9 +133,6 @@ def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
     return f"{getattr(node.target, '__name__', node.target)} {node.name!r}"
 
 
-_depthwise = is_depthwise
-
-
 def _weight(m: nn.Module) -> torch.Tensor:
     w = m.weight
     assert isinstance(w, torch.Tensor)
@@ -150,10 +147,7 @@ class _Graph:
         self.modules = dict(gm.named_modules())
         self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
         self.nodes = {n.name: n for n in gm.graph.nodes}
-        self.calls: dict[str, int] = {}
-        for n in gm.graph.nodes:
-            if n.op == "call_module":
-                self.calls[str(n.target)] = self.calls.get(str(n.target), 0) + 1
+        self.calls = call_counts(gm)
 
     def module(self, n: fx.Node) -> nn.Module | None:
         return self.modules.get(str(n.target)) if n.op == "call_module" else None
@@ -232,9 +226,9 @@ class _Graph:
         channels = {int(_weight(self.modules[p]).shape[0]) for p in producers}
         for c in consumers:
             m = self.modules[c]
-            if isinstance(m, _CONVS) and m.groups != 1 and not _depthwise(m):
+            if isinstance(m, _CONVS) and m.groups != 1 and not is_depthwise(m):
                 return None, f"feeds the grouped conv {c!r}"
-            channels.add(int(m.in_channels) if _depthwise(m) else int(_weight(m).shape[1]))
+            channels.add(int(m.in_channels) if is_depthwise(m) else int(_weight(m).shape[1]))
         if len(channels) != 1:
             return None, f"channel counts differ along the way: {sorted(channels)}"
         # the channel axis: 1 after a conv, last after a Linear, either once flat (B, C)
@@ -285,7 +279,7 @@ def _row_range(m: nn.Module) -> torch.Tensor:
 def _col_range(m: nn.Module) -> torch.Tensor:
     """Largest |weight| reading each input channel (a depthwise conv: its channel's kernel)."""
     w = _weight(m).detach()
-    if _depthwise(m):
+    if is_depthwise(m):
         return w.abs().reshape(w.shape[0], -1).amax(1).double()
     return w.abs().transpose(0, 1).reshape(w.shape[1], -1).amax(1).double()
 
@@ -319,7 +313,7 @@ def _scale(g: Group, modules: dict[str, nn.Module], s: torch.Tensor) -> None:
         m = modules[name]
         w = _weight(m)
         shape = [1] * w.dim()
-        shape[0 if _depthwise(m) else 1] = -1
+        shape[0 if is_depthwise(m) else 1] = -1
         w.copy_((w.double() * s.view(shape)).to(w.dtype))
 
 
@@ -368,7 +362,7 @@ def _absorb(graph: _Graph, g: Group, means: dict[str, torch.Tensor]) -> None:
         m = graph.modules[c]
         off = offset[node.args[0].name]
         w = _weight(m).detach().double()
-        if _depthwise(m):
+        if is_depthwise(m):
             back = w.reshape(w.shape[0], -1).sum(1) * off
         else:
             back = w.reshape(w.shape[0], w.shape[1], -1).sum(2) @ off  # (out, in) @ (in,)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimkit.quant.primitives import affine_params, weight_range
+from slimkit.quant.primitives import affine_params, weight_codes
 
 
 class _DequantizeConst(torch.autograd.Function):
@@ -100,12 +100,8 @@ class QuantLayer(nn.Module):
         self.weight_bits = weight_bits
         w = layer.weight.detach()
         assert isinstance(w, torch.Tensor)
-        lo, hi = weight_range(w, per_channel=True)
-        # narrow symmetric range: -q..q, so that negation is exact and int8 x uint8 pair sums
-        # stay inside int16 when weight_bits is 7 (CPUs without VNNI)
-        scale, zp, qmin, qmax = affine_params(lo, hi, bits=weight_bits, symmetric=True, narrow=True)
-        self.register_buffer("w_scale", scale.float())
-        q = torch.clamp(torch.round(w / scale.view((-1,) + (1,) * (w.dim() - 1))), qmin, qmax)
+        q, scale = weight_codes(w, weight_bits)  # narrow symmetric: 7-bit weights stay exact
+        self.register_buffer("w_scale", scale)
         self.register_buffer("w_q", q.to(torch.int8))
         self.register_buffer("b_q", torch.zeros(w.shape[0], dtype=torch.int32))
         self.register_buffer("b_scale", torch.ones(w.shape[0]))
@@ -178,10 +174,7 @@ class QuantEmbedding(nn.Module):
         super().__init__()
         if emb.max_norm is not None:
             raise ValueError("an embedding with max_norm renormalises its weights: keep it float")
-        w = emb.weight.detach().float()
-        qmax = 2 ** (bits - 1) - 1
-        scale = (w.abs().amax(1) / qmax).clamp_min(torch.finfo(torch.float32).tiny)
-        q = torch.round(w / scale[:, None]).clamp(-qmax, qmax)
+        q, scale = weight_codes(emb.weight.detach().float(), bits)
         self.register_buffer("w_q", q.to(torch.int8))
         self.register_buffer("w_scale", scale.unsqueeze(1).contiguous())
         self.num_embeddings, self.embedding_dim = emb.num_embeddings, emb.embedding_dim

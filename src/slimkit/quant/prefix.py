@@ -244,9 +244,10 @@ def choose(
     cuts = range(len(chain) + (1 if nxt is not None else 0))
     try:
         sub = _sub_network(gm, nxt or chain[-1])
+        quantized = set(weighted.values())
         in_sub = {str(n.target) for n in sub.graph.nodes if n.op == "call_module"}
-        keep = frozenset(t for t in in_sub if isinstance(sub.get_submodule(t), sim.WEIGHTED)
-                         and t not in set(weighted.values()))  # fmt: skip
+        keep = frozenset(t for t in in_sub if t not in quantized
+                         and isinstance(sub.get_submodule(t), sim.WEIGHTED))  # fmt: skip
         key = _signature(sub, x, keep) + (len(chain),)
         if key not in _CACHE:
             runners = {}

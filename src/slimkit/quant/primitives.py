@@ -105,6 +105,15 @@ def quantize_weight(
     return fake_quantize(w, scale, zp, qmin, qmax, axis if per_channel else None)
 
 
+def weight_codes(w: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer codes (as float) and scales of ``w`` per output channel (dim 0), symmetric and
+    narrow (-q..q: negation is exact, and int8 x uint8 pair sums stay inside int16 at 7 bits)."""
+    lo, hi = weight_range(w, per_channel=True)
+    scale, _, qmin, qmax = affine_params(lo, hi, bits=bits, symmetric=True, narrow=True)
+    codes = torch.clamp(torch.round(w / scale.view((-1,) + (1,) * (w.dim() - 1))), qmin, qmax)
+    return codes, scale.float()
+
+
 def nhwc(x: torch.Tensor) -> torch.Tensor | None:
     """The NHWC view of a channels-last 4-D tensor (its memory order, no copy); None otherwise.
     Reductions and flattening over that view avoid striding across channels."""

@@ -132,7 +132,7 @@ def _layer_names(gm: fx.GraphModule, names: list[str]) -> list[str]:
             raise ConfigError(
                 f"float_prefix names {n!r}, which is not a Conv/Linear layer of the model",
                 fix=f"{hint + ' ' if hint else ''}use names like {', '.join(layers[:3])} (from "
-                "model.named_modules() or a previous result's meta['float_layers'])",
+                "model.named_modules() or a previous result's meta['float_prefix_layers'])",
             )
     return names
 
@@ -195,22 +195,20 @@ def quantize_ptq(
         gm, eq = passes(gm, lambda bs: equalize(gm, scale=cfg.cle, absorb=cfg.bias_absorption,
                                                 data=bs, inplace=True))  # fmt: skip
         notes["equalisation"] = eq.summary()
-    plan = sim.place(gm, scope)
     floated: list[str] = []
     if isinstance(cfg.float_prefix, list):
         floated = _layer_names(gm, cfg.float_prefix)
     elif cfg.float_prefix:
         from slimkit.quant import prefix
 
-        choice = prefix.choose(gm, plan.weighted, tuple(example))
+        choice = prefix.choose(gm, sim.place(gm, scope).weighted, tuple(example))
         floated = choice.layers
         notes["float_prefix"] = choice.summary()
-    if floated:
+    plan = sim.place(gm, scope, keep_float=floated)
+    if floated and cfg.rotate_boundary:
         from slimkit.quant.prefix import rotate_boundary
 
-        plan = sim.place(gm, scope, keep_float=floated)
-        if cfg.rotate_boundary:
-            notes["rotated"] = ", ".join(rotate_boundary(gm, floated)) or "none"
+        notes["rotated"] = ", ".join(rotate_boundary(gm, floated)) or "none"
     quants = sim.insert_quantizers(gm, plan)
     needs_hist = cfg.calibration != "minmax"
     stats = passes(gm, lambda bs: sim.observe(gm, quants, bs, histogram=needs_hist))
