@@ -47,13 +47,89 @@ class ExportReport:
 
 
 def _flatten(out: Any) -> list[torch.Tensor]:
+    """The tensors of a model's output, in order: tuples, lists, dicts, Hugging Face
+    ``ModelOutput``s (a dict of its non-None fields) and dataclasses; other values are dropped."""
+    import dataclasses
+
     if isinstance(out, torch.Tensor):
         return [out]
     if isinstance(out, dict):
         return [t for v in out.values() for t in _flatten(v)]
     if isinstance(out, (tuple, list)):
         return [t for v in out for t in _flatten(v)]
+    if dataclasses.is_dataclass(out) and not isinstance(out, type):
+        return [t for f in dataclasses.fields(out) for t in _flatten(getattr(out, f.name))]
     return []
+
+
+def _output_names(out: Any) -> list[str] | None:
+    """Names for the flattened outputs of a dict-like output of tensors (``logits``, ...)."""
+    if isinstance(out, dict) and out and all(isinstance(v, torch.Tensor) for v in out.values()):
+        return [str(k) for k in out]
+    return None
+
+
+def _takes(model: nn.Module, name: str) -> bool:
+    import inspect
+
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class FlatIO(nn.Module):
+    """``model`` called from positional tensors (the keyword inputs after the positional ones,
+    by name, plus fixed options such as ``use_cache=False``), returning a flat tuple of tensors:
+    the form the ONNX exporter and ONNX Runtime take. Hugging Face models export this way with
+    named inputs and outputs."""
+
+    def __init__(self, model: nn.Module, n_args: int, kw_names: Sequence[str],
+                 fixed: dict[str, Any]) -> None:  # fmt: skip
+        super().__init__()
+        self.model = model
+        self.n_args = n_args
+        self.kw_names = list(kw_names)
+        self.fixed = dict(fixed)
+        self.train(model.training)  # the exporter restores this mode on the whole tree after
+
+    def forward(self, *xs: torch.Tensor) -> Any:
+        kw = dict(zip(self.kw_names, xs[self.n_args :], strict=True))
+        out = _flatten(self.model(*xs[: self.n_args], **kw, **self.fixed))
+        return out[0] if len(out) == 1 else tuple(out)
+
+
+def flat_io(
+    model: nn.Module, args: Sequence[torch.Tensor], kwargs: dict[str, torch.Tensor] | None
+) -> tuple[nn.Module, tuple[torch.Tensor, ...], list[str] | None, list[str] | None]:
+    """``(module, inputs, input names, output names)`` to export: ``model`` itself when it takes
+    positional tensors and returns tensors, else a ``FlatIO`` around it (names from the keyword
+    inputs and the output's keys)."""
+    from slimkit.core.rebuild import fixed_kwargs
+
+    kw = dict(kwargs or {})
+    fixed = fixed_kwargs(model, set(kw))
+    ids = kw.get("input_ids")
+    if (
+        isinstance(ids, torch.Tensor)
+        and "attention_mask" not in kw
+        and _takes(model, "attention_mask")
+    ):
+        # deployed language models take a mask; without one, Hugging Face models run a
+        # packed-sequence check (torch.diff) that has no ONNX export
+        kw["attention_mask"] = torch.ones_like(ids)
+    inputs = tuple(args) + tuple(kw.values())
+    with torch.no_grad():
+        out = model(*args, **kw, **fixed)
+    plain = isinstance(out, torch.Tensor) or (
+        isinstance(out, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in out)
+    )
+    if not kw and not fixed and plain:
+        return model, inputs, None, None
+    in_names = None
+    if kw:
+        in_names = _default_names("input", len(args)) + list(kw) if args else list(kw)
+    return FlatIO(model, len(args), list(kw), fixed), inputs, in_names, _output_names(out)
 
 
 def _default_names(stem: str, n: int) -> list[str]:
@@ -85,7 +161,8 @@ def export_onnx(
     model: nn.Module,
     path: str | Path,
     *,
-    example_inputs: Sequence[torch.Tensor] | torch.Tensor,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor = (),
+    example_kwargs: dict[str, torch.Tensor] | None = None,
     dynamic_batch: bool = True,
     opset: int = DEFAULT_OPSET,
     check: bool = True,
@@ -96,25 +173,33 @@ def export_onnx(
 ) -> ExportReport:
     """Export ``model`` (in eval mode) to ``path``; with ``check`` verify it in ONNX Runtime.
 
+    ``example_kwargs`` are keyword inputs (``input_ids=..., attention_mask=...``): they become
+    ONNX inputs of those names, after the positional ones. Outputs that are dicts, Hugging Face
+    ``ModelOutput``s or dataclasses are flattened to their tensors (named by their keys), and
+    key/value caches are switched off (``use_cache=False``) where the forward takes the flag.
+
     ``exporter="torchscript"`` (default) is torch's tracing exporter: fast and stable for the
     layers slimkit produces. ``"dynamo"`` uses ``torch.export`` and onnxscript.
     Raises ``ExportError`` when export fails or ORT differs from PyTorch by more than ``atol``.
     """
-    inputs = (
-        (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    )
-    if not inputs or not all(isinstance(x, torch.Tensor) for x in inputs):
+    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    kwargs = dict(example_kwargs or {})
+    if not (args or kwargs) or not all(
+        isinstance(x, torch.Tensor) for x in (*args, *kwargs.values())
+    ):
         raise ExportError(
-            "example_inputs must be a tensor or a tuple of tensors",
+            "example_inputs must be a tensor or a tuple of tensors (example_kwargs a dict of "
+            "named tensors)",
             fix="pass example_inputs=(torch.randn(1, 3, 224, 224),) with the model's input shape",
         )
     was_training = model.training
     model.eval()
     try:
+        module, inputs, auto_in, auto_out = flat_io(model, args, kwargs)
         with torch.no_grad():
-            ref = _flatten(model(*inputs))
-        in_names = list(input_names or _default_names("input", len(inputs)))
-        out_names = list(output_names or _default_names("output", len(ref)))
+            ref = _flatten(module(*inputs))
+        in_names = list(input_names or auto_in or _default_names("input", len(inputs)))
+        out_names = list(output_names or auto_out or _default_names("output", len(ref)))
         dest = Path(path)
         rep = ExportReport(
             path=str(dest),
@@ -127,10 +212,11 @@ def export_onnx(
         )
         # the file appears at `path` only once exported and (with check) verified in ORT
         with atomic_path(dest) as tmp:
-            _run_exporter(model, inputs, tmp, exporter, opset, in_names, out_names, dynamic_batch)
+            _run_exporter(module, inputs, tmp, exporter, opset, in_names, out_names, dynamic_batch)
             rep.size_bytes = tmp.stat().st_size
             if check:
-                check_parity(model, tmp, inputs, dynamic_batch=dynamic_batch, atol=atol, report=rep)
+                check_parity(module, tmp, inputs, dynamic_batch=dynamic_batch, atol=atol,
+                             report=rep)  # fmt: skip
         return rep
     finally:
         model.train(was_training)

@@ -61,7 +61,8 @@ def export_quantized(
     model: nn.Module,
     path: str | Path,
     *,
-    example_inputs: tuple[torch.Tensor, ...],
+    example_inputs: tuple[torch.Tensor, ...] = (),
+    example_kwargs: dict[str, torch.Tensor] | None = None,
     min_sqnr_db: float = 25.0,
 ) -> tuple[ExportReport, KernelReport]:
     """Export a quantized model as QDQ ONNX, check it in ORT, and report the kernels ORT runs.
@@ -72,16 +73,33 @@ def export_quantized(
     reported. Raises ``ExportError`` below the bound (a kernel that saturates, a wrong scale).
     """
     from slimkit.errors import ExportError
-    from slimkit.export.onnx import parity_inputs
+    from slimkit.export.onnx import _flatten, flat_io, parity_inputs
     from slimkit.export.ort import run_session
     from slimkit.testing.numerics import max_abs_err, sqnr
 
-    rep = export_onnx(model, path, example_inputs=example_inputs, check=False)
-    inputs = parity_inputs(example_inputs)
-    with torch.no_grad():
-        ref = model(*inputs)
-    out = run_session(ort_session(path), inputs)
-    refs = [ref] if isinstance(ref, torch.Tensor) else list(ref)
+    module, flat, _, _ = flat_io(model, example_inputs, example_kwargs)
+
+    def run(dynamic: bool) -> tuple[ExportReport, tuple[torch.Tensor, ...], list[Any], list[Any]]:
+        rep = export_onnx(
+            model, path, example_inputs=example_inputs, example_kwargs=example_kwargs,
+            check=False, dynamic_batch=dynamic,
+        )  # fmt: skip
+        inputs = parity_inputs(flat) if dynamic else flat
+        with torch.no_grad():
+            refs = _flatten(module(*inputs))
+        out = run_session(ort_session(path), inputs)
+        if [tuple(r.shape) for r in refs] != [tuple(o.shape) for o in out]:
+            raise ExportError("output shapes differ", fix="")
+        return rep, inputs, refs, out
+
+    try:
+        rep, inputs, refs, out = run(True)
+    except Exception as e:  # noqa: BLE001 - ORT's own error types; retried at the example batch
+        # a graph rebuilt from torch.export holds the example's batch size as a constant
+        rep, inputs, refs, out = run(False)
+        rep.dynamic_batch = False
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        rep.notes.append(f"batch fixed at {int(flat[0].shape[0])}: at another batch {first}")
     rep.max_abs_err = max_abs_err(refs, out)
     rep.parity_batch = int(inputs[0].shape[0])
     agreement = sqnr(refs, out)

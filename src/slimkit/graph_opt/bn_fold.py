@@ -22,7 +22,7 @@ import torch
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from slimkit.core.graph import capture
+from slimkit.core.graph import bind_inputs, capture_model
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -97,7 +97,7 @@ def _single_call(gm: fx.GraphModule, target: str) -> bool:
 
 
 def _rank(node: fx.Node) -> int | None:
-    meta = node.meta.get("tensor_meta")
+    meta = node.meta.get("tensor_meta", node.meta.get("val"))  # ShapeProp's, or torch.export's
     return len(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
@@ -122,6 +122,7 @@ def fold_bn(
     model: nn.Module,
     *,
     example_inputs: tuple[torch.Tensor, ...] | None = ...,
+    example_kwargs: dict[str, Any] | None = ...,
     inplace: bool = ...,
     return_report: Literal[False] = ...,
 ) -> fx.GraphModule: ...
@@ -130,6 +131,7 @@ def fold_bn(
     model: nn.Module,
     *,
     example_inputs: tuple[torch.Tensor, ...] | None = ...,
+    example_kwargs: dict[str, Any] | None = ...,
     inplace: bool = ...,
     return_report: Literal[True],
 ) -> tuple[fx.GraphModule, FoldReport]: ...
@@ -139,21 +141,25 @@ def fold_bn(
     model: nn.Module,
     *,
     example_inputs: tuple[torch.Tensor, ...] | None = None,
+    example_kwargs: dict[str, Any] | None = None,
     inplace: bool = False,
     return_report: bool = False,
 ) -> fx.GraphModule | tuple[fx.GraphModule, FoldReport]:
     """Fold every eval-mode BatchNorm that can be folded exactly; returns an ``fx.GraphModule``.
 
-    ``example_inputs`` lets slimkit see tensor ranks, needed to fold BN1d next to a Linear.
-    The model must be in eval mode (BN in training mode uses batch statistics and is kept).
-    Python: ``sk.fold_bn(model)``. Supports Conv1d/2d/3d and Linear with BatchNorm1d/2d/3d.
+    ``example_inputs`` (and ``example_kwargs``) let slimkit see tensor ranks, needed to fold
+    BN1d next to a Linear, and capture models torch.fx cannot trace (``core.graph.capture_model``;
+    ``gm.meta["capture"]`` says how). The model must be in eval mode (BN in training mode uses
+    batch statistics and is kept). Python: ``sk.fold_bn(model)``. Supports Conv1d/2d/3d and
+    Linear with BatchNorm1d/2d/3d.
     """
     src = model if inplace else copy.deepcopy(model)
-    gm = capture(src, method="fx")
-    if example_inputs is not None:
+    args = tuple(example_inputs or ())
+    gm = capture_model(src, args, example_kwargs)
+    if (args or example_kwargs) and gm.meta["capture"]["path"] != "torch.export":
         from torch.fx.passes.shape_prop import ShapeProp
 
-        ShapeProp(gm).propagate(*example_inputs)
+        ShapeProp(gm).propagate(*bind_inputs(gm, args, example_kwargs or {}))
     modules = dict(gm.named_modules())
     report = FoldReport()
     for node in list(gm.graph.nodes):

@@ -43,7 +43,7 @@ from torch import fx, nn
 
 from slimkit.core.config import Config
 from slimkit.core.data import Batch, collect_batches, merge_batches
-from slimkit.core.graph import capture
+from slimkit.core.graph import capture_model
 from slimkit.core.machine import cpu_info
 from slimkit.core.registry import METHODS
 from slimkit.core.scope import Scope
@@ -161,22 +161,31 @@ def quantize_ptq(
     *,
     data: Any,
     example_inputs: tuple[torch.Tensor, ...] | None = None,
+    example_kwargs: dict[str, Any] | None = None,
     scope: Scope | None = None,
     progress: bool = False,
 ) -> fx.GraphModule:
-    """Quantize ``model`` (not modified) with ``config``; ``data`` is the calibration data."""
+    """Quantize ``model`` (not modified, nor its mode) with ``config``; ``data`` is the
+    calibration data (batches of tensors, tuples, or dicts of keyword inputs such as
+    ``input_ids`` / ``attention_mask``). ``example_inputs`` / ``example_kwargs`` default to the
+    first batch. Models torch.fx cannot trace are captured through torch.export
+    (``meta["capture"]`` says which path was taken and what was left whole)."""
+    import copy
+
     cfg = config or PTQ()
     t0 = time.perf_counter()
     batches = collect_batches(data, what="calibration data", limit=cfg.num_batches)
-    example = example_inputs or batches[0].inputs
+    if example_inputs is None and example_kwargs is None:
+        args, kwargs = batches[0].args, dict(batches[0].kwargs)
+    else:
+        args, kwargs = tuple(example_inputs or ()), dict(example_kwargs or {})
+    src = copy.deepcopy(model).eval()
     if cfg.fold_bn:
         from slimkit.graph_opt.bn_fold import fold_bn
 
-        gm = fold_bn(model.eval(), example_inputs=tuple(example))
+        gm = fold_bn(src, example_inputs=args, example_kwargs=kwargs, inplace=True)
     else:
-        import copy
-
-        gm = capture(copy.deepcopy(model).eval(), method="fx")
+        gm = capture_model(src, args, kwargs)
     notes: dict[str, str] = {}
     merged = merge_batches(batches)  # the statistics passes run 2-3x faster on batches of 16
 
@@ -201,7 +210,7 @@ def quantize_ptq(
     elif cfg.float_prefix:
         from slimkit.quant import prefix
 
-        choice = prefix.choose(gm, sim.place(gm, scope).weighted, tuple(example))
+        choice = prefix.choose(gm, sim.place(gm, scope).weighted, () if kwargs else args)
         floated = choice.layers
         notes["float_prefix"] = choice.summary()
     plan = sim.place(gm, scope, keep_float=floated)
@@ -212,6 +221,15 @@ def quantize_ptq(
     quants = sim.insert_quantizers(gm, plan)
     needs_hist = cfg.calibration != "minmax"
     stats = passes(gm, lambda bs: sim.observe(gm, quants, bs, histogram=needs_hist))
+    const = sim.constants(stats)
+    inputs = {n.name for n in gm.graph.nodes if n.op == "placeholder"}
+    for name in const:
+        if name in inputs:
+            raise DataError(
+                f"calibration data: model input {name!r} is the same value ({const[name]:g}) "
+                "in every sample",
+                fix="calibrate with real, varied samples (not zeros or a single repeated input)",
+            )
     bits = resolve_weight_bits(cfg.weight_bits)
     out = sim.convert(gm, plan, quants, stats, method=cfg.calibration,
                       percentile=cfg.percentile, weight_bits=layer_bits(bits))  # fmt: skip
@@ -234,6 +252,10 @@ def quantize_ptq(
         "quantized_layers": len(plan.weighted),
         "float_layers": plan.skipped,  # out of scope or in the float prefix
         "float_prefix_layers": floated,
+        # one value on all calibration data (zero-initialised branches, dead channels):
+        # quantized exactly, listed here
+        "constant_activations": {k: v for k, v in const.items()},
+        "capture": gm.meta.get("capture", {}),
         **notes,
         "seconds": round(time.perf_counter() - t0, 3),
     }

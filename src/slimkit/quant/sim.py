@@ -142,14 +142,25 @@ def place(gm: fx.GraphModule, scope: Scope | None, keep_float: Collection[str] =
             and fused_act(src) is a
         )
 
+    memo: dict[str, bool] = {}
+
     def consumed_by_qop(n: fx.Node) -> bool:
-        for u in n.users:
-            k = kinds[u.name]
-            if k in ("conv", "linear", "matmul", "add", "cat", "pool"):
-                return True
-            if k == "pass" and consumed_by_qop(u):
-                return True
-        return False
+        """Whether an integer kernel reads ``n`` (through pass-through ops): a conv, linear,
+        matmul or pool, or an add / concat whose own output one of those reads. A chain of
+        residual adds that only ever feeds LayerNorms (a pre-LN transformer's stream) stays
+        float: quantizing it per tensor costs ViT 20 dB and no kernel would use it."""
+        if n.name not in memo:
+            memo[n.name] = False  # a DAG: no cycles, this only guards repeated work
+            for u in n.users:
+                k = kinds[u.name]
+                if (
+                    k in ("conv", "linear", "matmul", "pool")
+                    or (k == "pass" and consumed_by_qop(u))
+                    or (k in ("add", "cat") and consumed_by_qop(fused_act(u) or u))
+                ):
+                    memo[n.name] = True
+                    break
+        return memo[n.name]
 
     for n in gm.graph.nodes:
         k = kinds[n.name]
@@ -228,14 +239,13 @@ def observe(
     finally:
         for q in quants.values():
             q.observer = None
-    for name, st in stats.items():
-        if st.lo == st.hi:
-            raise DataError(
-                f"the activation after {name!r} is constant ({st.lo:g}) on all calibration data",
-                fix="calibrate with real, varied samples (not zeros or a single repeated "
-                "input), or keep that layer in float with Scope(exclude=[...])",
-            )
     return stats
+
+
+def constants(stats: dict[str, TensorStats]) -> dict[str, float]:
+    """The activations that were one value on all calibration data (a zero-initialised residual
+    branch, a dead channel group, a constant mask): ``convert`` quantizes them exactly."""
+    return {name: st.lo for name, st in stats.items() if st.lo == st.hi}
 
 
 def convert(
@@ -251,7 +261,12 @@ def convert(
     """Set every quantizer's range and swap Conv/Linear for integer-weight layers."""
     for name, q in quants.items():
         if q.share_with is None:
-            q.set_range(*choose_range(stats[name], method, percentile=percentile, bits=q.bits))
+            st = stats[name]
+            if st.lo == st.hi:  # a constant c: the range [min(c, 0), max(c, 0)] holds it exactly
+                c = st.lo
+                q.set_range(min(c, 0.0), max(c, 0.0) if c != 0 else 1.0)
+            else:
+                q.set_range(*choose_range(st, method, percentile=percentile, bits=q.bits))
     for q in quants.values():
         if q.share_with is not None:
             root = quants[q.share_with]
