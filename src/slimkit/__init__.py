@@ -7,6 +7,8 @@ ONNX stack, onnxruntime, matplotlib nor optuna until a feature needs them)::
     import slimkit as sk
     model = sk.zoo.pretrained("digits_cnn")
     report = sk.export_onnx(model, "digits.onnx", example_inputs=x)   # checks ORT parity
+    q = sk.quantize(model, "int8", data=calib)       # any method: a registered name or a config
+    print(sk.report(q).summary())                    # what it did, the same for every verb
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ _LAZY = {
     "export_onnx": "slimkit.export.onnx:export_onnx",
     "fold_bn": "slimkit.graph_opt.bn_fold:fold_bn",
     "optimize": "slimkit.graph_opt:optimize",  # BN folding, constant folding, fusion
-    "quantize": "slimkit.quant.ptq:quantize",
+    "quantize": "slimkit.quant.verb:quantize",  # every quant.* method, by name or config
     "prune": "slimkit.prune",  # callable package: sk.prune(model, sk.prune.Channel(...))
+    "report": "slimkit.core.verbs:report",  # what any verb did: sk.report(result)
     "quant": "slimkit.quant",
     "measure_latency": "slimkit.analyze.latency:measure_latency",
     "load": "slimkit.core.artifacts:load",
@@ -37,10 +40,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from slimkit.analyze.latency import measure_latency
     from slimkit.core.artifacts import load
     from slimkit.core.scope import Scope
+    from slimkit.core.verbs import report
     from slimkit.export.onnx import export_onnx
     from slimkit.graph_opt import optimize
     from slimkit.graph_opt.bn_fold import fold_bn
-    from slimkit.quant.ptq import quantize
+    from slimkit.quant.verb import quantize
 
 
 def __getattr__(name: str) -> Any:
@@ -69,6 +73,7 @@ __all__ = [
     "quant",
     "quantize",
     "prune",
+    "report",
     "measure_latency",
     "load",
     "zoo",

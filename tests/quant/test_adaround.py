@@ -16,7 +16,8 @@ from slimkit.core.data import collect_batches
 from slimkit.export.qdq import export_quantized
 from slimkit.quant.adaround import Objective, grouped, learn_rounding, patches, run_layer_by_layer
 from slimkit.quant.modules import QuantLayer
-from slimkit.quant.ptq import PTQ, quantize
+from slimkit.quant.ptq import PTQ
+from slimkit.quant.verb import quantize
 from slimkit.zoo import create_model, example_inputs
 
 

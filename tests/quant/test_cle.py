@@ -12,7 +12,8 @@ from slimkit.errors import ConfigError
 from slimkit.export.qdq import export_quantized
 from slimkit.graph_opt.bn_fold import fold_bn
 from slimkit.quant.cle import equalize
-from slimkit.quant.ptq import PTQ, quantize
+from slimkit.quant.ptq import PTQ
+from slimkit.quant.verb import quantize
 from slimkit.testing.numerics import sqnr
 from slimkit.zoo import create_model, example_inputs
 

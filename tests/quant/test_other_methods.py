@@ -17,7 +17,7 @@ from slimkit.export.ort import ort_session, run_session
 from slimkit.export.qdq import kernel_report
 from slimkit.quant import Dynamic, Half, WeightOnly
 from slimkit.quant.modules import QuantLayer
-from slimkit.quant.ptq import quantize
+from slimkit.quant.verb import quantize
 from slimkit.testing.numerics import sqnr
 from slimkit.zoo import create_model, example_inputs
 

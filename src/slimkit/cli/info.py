@@ -13,17 +13,36 @@ zoo_app = typer.Typer(
 )
 
 
-def _zoo_rows(pattern: str) -> dict[str, list[dict[str, Any]]]:
+def _method_rows(pattern: str) -> list[dict[str, Any]]:
+    """Every registered method: its name, the verb that runs it, its config class, the other
+    names the verb accepts for it, and its summary."""
     from slimkit.core.registry import load_methods
+    from slimkit.core.verbs import TECHNIQUES, names
+
+    rows = []
+    for e in load_methods().entries(pattern):
+        technique = e.name.partition(".")[0]
+        tech = TECHNIQUES.get(technique)
+        others = names(technique) if tech else {}
+        rows.append(
+            {
+                "name": e.name,
+                "verb": f"sk.{tech.verb}" if tech else "",
+                "config": e.meta["config"].__name__,
+                "aliases": ", ".join(k for k, (x, _) in others.items() if x is e and k != e.name),
+                "summary": e.meta.get("summary", ""),
+            }
+        )
+    return rows
+
+
+def _zoo_rows(pattern: str) -> dict[str, list[dict[str, Any]]]:
     from slimkit.zoo.models import MODELS, list_models
     from slimkit.zoo.pretrained import PRETRAINED, weights_path
     from slimkit.zoo.tasks import TASKS
 
     return {
-        "methods": [
-            {"name": e.name, "summary": e.meta.get("summary", "")}
-            for e in load_methods().entries(pattern)
-        ],
+        "methods": _method_rows(pattern),
         "pretrained": [
             {
                 "name": e.name,

@@ -95,14 +95,69 @@ class Registry(Generic[T]):
         return len(self._entries)
 
 
-# The compression methods (quant.*, prune.*, graph_opt.*, ...). Each technique folder registers into
+class MethodRegistry(Registry[Callable[..., Any]]):
+    """The registry of compression methods: each entry is a handler with its config class.
+
+    A method registers itself in its own file, and is then reachable by name from every verb,
+    recipe step, ``slimkit list`` and the contract tests (``tests/contract``)::
+
+        @METHODS.register("prune.magnitude", config=Magnitude, summary="zero the smallest weights",
+                          aliases={"magnitude": {}, "sparse": {"sparsity": 0.8}})
+        def prune_magnitude(model, config, *, scope=None) -> nn.Module: ...
+
+    The handler is called as ``handler(model, config, **inputs)`` by ``core.verbs.dispatch``; its
+    keyword-only parameters say what it reads (``data``, ``example_inputs``, ``scope``, ...). It
+    returns a new module, or ``(module, report)`` where ``report`` has ``to_dict()``.
+
+    Metadata (``Entry.meta``):
+
+    - ``config`` (required): the method's ``Config`` subclass.
+    - ``summary`` (required): one line for ``slimkit list``.
+    - ``aliases``: short names -> config fields (``{"int8": {}, "fp16": {"dtype": "fp16"}}``). The
+      part after the dot (``"magnitude"``) is always a name too.
+    - ``example``: config fields for a quick run (the contract tests; ``{}``: the defaults).
+    - ``unsupported``: tiny zoo model -> why this method does not apply to it (the contract tests
+      skip it with that reason).
+    - ``export``: how a result is deployed: ``"onnx"`` (``export_onnx`` with float parity, the
+      default), ``"qdq"`` (``export.qdq.export_quantized``: integer ONNX checked by SQNR), or
+      ``"ort"`` (the result already runs in ONNX Runtime; its file is at ``result.path``).
+    - ``export_atol``: the parity tolerance of an ``"onnx"`` export (default ``1e-4``; 16-bit
+      results compute in 16 bits on both sides, rounding differently).
+    """
+
+    def add(self, name: str, obj: Callable[..., Any], **meta: Any) -> None:
+        technique, dot, method = name.partition(".")
+        config = meta.get("config")
+        problems = []
+        if not dot or not technique or not method:
+            problems.append(f"name {name!r} is not 'technique.method'")
+        if not (isinstance(config, type) and hasattr(config, "from_dict")):
+            problems.append("config= is not a Config class")
+        if not meta.get("summary"):
+            problems.append("summary= is missing")
+        if not callable(obj):
+            problems.append("the handler is not callable")
+        if problems:
+            raise RegistryError(
+                f"method {name!r} cannot be registered: {'; '.join(problems)}",
+                fix='register as @METHODS.register("technique.method", config=MyConfig, '
+                'summary="one line")',
+            )
+        super().add(name, obj, **meta)
+
+    def annotate(self, name: str, **meta: Any) -> None:
+        """Add metadata to a registered method (for a method whose file cannot say it itself)."""
+        self.entry(name).meta.update(meta)
+
+
+# The compression methods (quant.*, prune.*, graph_opt.*). Each technique folder registers into
 # it at import; ``load_methods()`` imports them all so that listing sees every method.
-METHODS: Registry[Any] = Registry("method")
+METHODS = MethodRegistry("method")
 
-TECHNIQUES = ("slimkit.quant", "slimkit.prune")
+TECHNIQUES = ("slimkit.quant", "slimkit.prune", "slimkit.graph_opt")
 
 
-def load_methods() -> Registry[Any]:
+def load_methods() -> MethodRegistry:
     """Import every technique package (registering its methods) and return ``METHODS``."""
     import importlib
 

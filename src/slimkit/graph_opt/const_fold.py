@@ -13,8 +13,9 @@ Left alone, with the reason in the report: random ops and uninitialised memory (
 ``torch.empty``), anything an in-place op mutates, modules in training mode, results that would be
 much larger than the tensors they are computed from (``w.expand(1024, -1)``), and values that are
 neither tensors nor plain numbers. The folded model's buffers are no longer trainable parameters:
-fold for inference. Python only (like ``fold_bn``, not a registered recipe step). Classic compiler
-constant folding (Aho, Lam, Sethi, Ullman, "Compilers", 2nd ed., section 9.4).
+fold for inference. Registered as ``graph_opt.const_fold``: ``sk.optimize(model, "const_fold")``,
+YAML ``- graph_opt.const_fold: {}``. Classic compiler constant folding (Aho, Lam, Sethi, Ullman,
+"Compilers", 2nd ed., section 9.4).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from torch import fx, nn
 
 from slimkit.core.config import Config
 from slimkit.core.graph import capture
+from slimkit.core.registry import METHODS
 
 
 class ConstFold(Config):
@@ -419,6 +421,12 @@ def fold_constants(
 ) -> tuple[fx.GraphModule, ConstFoldReport]: ...
 
 
+@METHODS.register(
+    "graph_opt.const_fold",
+    config=ConstFold,
+    summary="compute parameter-only sub-graphs once (exact)",
+    aliases={"fold_constants": {}},
+)
 def fold_constants(
     model: nn.Module,
     config: ConstFold | None = None,

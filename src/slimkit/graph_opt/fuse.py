@@ -22,9 +22,10 @@ user, the pad is asymmetric, the constant varies over space, ...)::
 
 ``example_inputs`` let slimkit see tensor ranks, needed for constants such as ``(1, C, 1, 1)``.
 Supports Conv1d/2d/3d (any groups, stride, dilation) and Linear. Re-capturing a fused model with
-``core.graph.capture(..., leaves=FUSED)`` keeps the units whole. Python only (like ``fold_bn``, not
-a registered recipe step). Paper trail: Jacob et al., "Quantization and Training of Neural Networks
-for Efficient Integer-Arithmetic-Only Inference", CVPR 2018 (folding and fused activations).
+``core.graph.capture(..., leaves=FUSED)`` keeps the units whole. Registered as ``graph_opt.fuse``:
+``sk.optimize(model, "fuse", example_inputs=(x,))``, YAML ``- graph_opt.fuse: {}``. Paper trail:
+Jacob et al., "Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only
+Inference", CVPR 2018 (folding and fused activations).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from slimkit.core.config import Config
+from slimkit.core.registry import METHODS
 from slimkit.graph_opt.bn_fold import _bias, _rank, _set, _weight
 from slimkit.graph_opt.const_fold import (
     Constants,
@@ -513,6 +515,12 @@ def fuse(
 ) -> tuple[fx.GraphModule, FuseReport]: ...
 
 
+@METHODS.register(
+    "graph_opt.fuse",
+    config=Fuse,
+    summary="fuse Conv/Linear with activations, affines and pads (exact)",
+    aliases={"fusion": {}},
+)
 def fuse(
     model: nn.Module,
     config: Fuse | None = None,

@@ -3,10 +3,26 @@ physically shrinks layers, unstructured / N:M masks, and reload of pruned artifa
 
 ``from slimkit.prune import Channel, prune_channels, save_pruned, load_pruned`` covers the common
 path; ``build_depgraph`` shows which groups can be pruned and why the others cannot. The package
-is also the verb: ``sk.prune(model, sk.prune.Channel(ratio=0.5), example_inputs=(x,))``.
+is also the verb, for every registered ``prune.*`` method::
+
+    p = sk.prune(model, sk.prune.Channel(ratio=0.5), example_inputs=(x,))
+    p = sk.prune(model, "channel", example_inputs=(x,))       # by name, default config
+    s = sk.prune(model, sk.prune.Magnitude(sparsity=0.8))     # masks
+    s = sk.prune(model, sk.prune.NM())                        # 2:4
+    print(sk.report(p).summary())
 """
 
-from slimkit.core.verbs import make_callable
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimkit.core.config import Config
+from slimkit.core.scope import Scope
+from slimkit.core.verbs import dispatch, make_callable
 from slimkit.prune.artifact import load_pruned, save_pruned
 from slimkit.prune.auto import Target, prune_to_target
 from slimkit.prune.blocks import Drop, drop_blocks
@@ -26,6 +42,7 @@ from slimkit.prune.slimming import slimming_loss, slimming_train
 from slimkit.prune.unstructured import NM, Magnitude, finalize, prune_magnitude, prune_nm, sparsity
 
 __all__ = [
+    "prune",
     "Drop",
     "Target",
     "drop_blocks",
@@ -56,4 +73,30 @@ __all__ = [
     "pruning_record",
 ]
 
-make_callable(__name__, "slimkit.prune.channel:prune_channels")
+
+def prune(
+    model: nn.Module,
+    config: str | Config = "channel",
+    *,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
+    data: Any = None,
+    scope: Scope | None = None,
+    **options: Any,
+) -> nn.Module:
+    """A pruned copy of ``model`` (never modified): ``sk.prune(model, method, ...)``.
+
+    ``config`` is a registered name or alias (``"channel"``, ``"magnitude"``, ``"nm"``, ``"2:4"``,
+    ``"auto"``, ``"blocks"``, ``"prune.channel"``) or a config object (``Channel``, ``Magnitude``,
+    ``NM``, ``Target``, ``Drop``). ``example_inputs`` (one input batch) let structural methods
+    trace the model; they default to the first batch of ``data``, the calibration batches some
+    methods read (``Target(allocation="sensitivity")``, ``Drop``, ``criterion="taylor"``).
+    ``scope`` limits the layers, for the methods that take one; ``options`` go to the handler
+    (``loss_fn``, ``widths``, ``on_step``). The result keeps the input's train/eval flags.
+    ``sk.report(result)`` says what was removed; structural results also carry the pruning record
+    (``pruning_record``) that ``save_pruned`` / ``sk.load`` replay.
+    """
+    return dispatch("prune", model, config, example_inputs=example_inputs, data=data,
+                    scope=scope, **options)  # fmt: skip
+
+
+make_callable(__name__, "slimkit.prune:prune")

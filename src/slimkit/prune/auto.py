@@ -50,6 +50,7 @@ from slimkit.core.data import collect_batches
 from slimkit.core.machine import channel_multiple
 from slimkit.core.registry import METHODS
 from slimkit.core.scope import Scope
+from slimkit.core.verbs import eval_mode
 from slimkit.errors import ConfigError
 from slimkit.prune.channel import (
     Channel,
@@ -320,7 +321,11 @@ def _predictor(
 
 
 @METHODS.register(
-    "prune.auto", config=Target, summary="per-layer ratios toward a MAC/latency target"
+    "prune.auto",
+    config=Target,
+    summary="per-layer ratios toward a MAC/latency target",
+    example={"macs": 0.6},
+    unsupported={"lstm": "nothing in it is prunable: the dependency graph does not follow LSTMs"},
 )
 def prune_to_target(
     model: nn.Module,
@@ -331,9 +336,20 @@ def prune_to_target(
     scope: Scope | None = None,
     on_step: Callable[[str], None] | None = None,
 ) -> nn.Module:
-    """A pruned copy of ``model`` that reaches ``target`` (see the module docstring)."""
-    inputs = _as_inputs(example_inputs)
-    model.eval()
+    """A pruned copy of ``model`` that reaches ``target`` (see the module docstring). ``model``
+    is run in eval mode and left as it was, train/eval flags included."""
+    with eval_mode(model):
+        return _prune_to_target(model, target, _as_inputs(example_inputs), data, scope, on_step)
+
+
+def _prune_to_target(
+    model: nn.Module,
+    target: Target,
+    inputs: tuple[torch.Tensor, ...],
+    data: Iterable[Any] | None,
+    scope: Scope | None,
+    on_step: Callable[[str], None] | None,
+) -> nn.Module:
     p = _Pruner(model, inputs, target, scope)
     if not p.groups:
         raise ConfigError(

@@ -106,7 +106,16 @@ def droppable_blocks(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -
     return [n for n in cands if ok.get(n)]
 
 
-@METHODS.register("prune.blocks", config=Drop, summary="drop whole residual blocks / layers")
+@METHODS.register(
+    "prune.blocks",
+    config=Drop,
+    summary="drop whole residual blocks / layers",
+    aliases={"drop": {}, "layers": {}},
+    unsupported={
+        m: "no child of an nn.Sequential / nn.ModuleList keeps its input's shape: nothing to drop"
+        for m in ("mlp", "cnn_bn", "transformer_block", "lstm")
+    },
+)
 def drop_blocks(
     model: nn.Module,
     config: Drop | None = None,

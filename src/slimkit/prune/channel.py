@@ -272,7 +272,13 @@ def apply_slices(model: nn.Module, slices: Slices) -> nn.Module:
     return model
 
 
-@METHODS.register("prune.channel", config=Channel, summary="remove whole channels and heads")
+@METHODS.register(
+    "prune.channel",
+    config=Channel,
+    summary="remove whole channels and heads",
+    aliases={"structured": {}},
+    example={"ratio": 0.5},
+)
 def prune_channels(
     model: nn.Module,
     config: Channel | None = None,

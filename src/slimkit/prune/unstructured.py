@@ -92,7 +92,12 @@ def _layers(model: nn.Module, scope: Scope | None) -> list[tuple[str, nn.Module]
     return (scope or Scope()).select(model, WEIGHTED)
 
 
-@METHODS.register("prune.magnitude", config=Magnitude, summary="zero the smallest weights (masks)")
+@METHODS.register(
+    "prune.magnitude",
+    config=Magnitude,
+    summary="zero the smallest weights (masks)",
+    aliases={"unstructured": {}},
+)
 def prune_magnitude(
     model: nn.Module, config: Magnitude | None = None, *, scope: Scope | None = None
 ) -> nn.Module:
@@ -128,7 +133,12 @@ def nm_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return mask.movedim(-1, 1) if w.dim() > 2 else mask
 
 
-@METHODS.register("prune.nm", config=NM, summary="N:M semi-structured sparsity, e.g. 2:4 (masks)")
+@METHODS.register(
+    "prune.nm",
+    config=NM,
+    summary="N:M semi-structured sparsity, e.g. 2:4 (masks)",
+    aliases={"2:4": {"n": 2, "m": 4}, "n:m": {}, "semi_structured": {}},
+)
 def prune_nm(
     model: nn.Module, config: NM | None = None, *, scope: Scope | None = None
 ) -> nn.Module:

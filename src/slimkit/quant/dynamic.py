@@ -24,6 +24,7 @@ from torch import nn
 from slimkit.core.config import Config
 from slimkit.core.machine import cpu_info
 from slimkit.core.registry import METHODS
+from slimkit.core.verbs import eval_mode
 from slimkit.errors import ConfigError
 
 
@@ -35,7 +36,12 @@ class Dynamic(Config):
     path: str | None = None  # where the ONNX file goes (default: a temporary directory)
 
 
-@METHODS.register("quant.dynamic", config=Dynamic, summary="dynamic int8 (Linear/LSTM)")
+@METHODS.register(
+    "quant.dynamic",
+    config=Dynamic,
+    summary="dynamic int8 (Linear/LSTM)",
+    export="ort",  # the result runs the int8 ONNX file at result.path
+)
 def quantize_dynamic(
     model: nn.Module,
     config: Dynamic | None = None,
@@ -63,8 +69,9 @@ def quantize_dynamic(
 
     path = Path(cfg.path) if cfg.path else Path(tempfile.mkdtemp(prefix="slimkit-")) / "dyn.onnx"
     reduce = not cpu_info()["vnni"]
-    export_dynamic_int8(model.eval(), path, example_inputs=tuple(example_inputs),
-                        per_channel=cfg.per_channel, reduce_range=reduce)  # fmt: skip
+    with eval_mode(model):  # exported in eval mode; the caller's flags are left as they were
+        export_dynamic_int8(model, path, example_inputs=tuple(example_inputs),
+                            per_channel=cfg.per_channel, reduce_range=reduce)  # fmt: skip
     out = OrtModule(ort_session(path))
     out.path = str(path)  # type: ignore[assignment]
     return out

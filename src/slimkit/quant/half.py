@@ -46,7 +46,14 @@ class HalfModel(nn.Module):
         )
 
 
-@METHODS.register("quant.half", config=Half, summary="fp16 / bf16 weights and compute")
+@METHODS.register(
+    "quant.half",
+    config=Half,
+    summary="fp16 / bf16 weights and compute",
+    aliases={"fp16": {"dtype": "fp16"}, "bf16": {"dtype": "bf16"}},
+    example={"dtype": "fp16"},
+    export_atol=1e-2,  # ORT and PyTorch round fp16 sums differently: parity to fp16 precision
+)
 def to_half(model: nn.Module, config: Half | None = None) -> nn.Module:
     """A 16-bit copy of ``model`` behind float32 inputs and outputs."""
     cfg = config or Half()

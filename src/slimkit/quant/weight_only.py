@@ -33,7 +33,13 @@ class WeightOnly(Config):
     min_params: int = Field(0, ge=0)  # keep layers smaller than this in float
 
 
-@METHODS.register("quant.weight_only", config=WeightOnly, summary="int8 weights, float activations")
+@METHODS.register(
+    "quant.weight_only",
+    config=WeightOnly,
+    summary="int8 weights, float activations",
+    aliases={"int8_weights": {}},
+    export="qdq",  # ORT may run DequantizeLinear + MatMul as an int8 kernel: checked by SQNR
+)
 def quantize_weight_only(
     model: nn.Module, config: WeightOnly | None = None, *, scope: Scope | None = None
 ) -> nn.Module:
