@@ -30,6 +30,7 @@ _LAZY = {
     "quant": "slimkit.quant",
     "measure_latency": "slimkit.analyze.latency:measure_latency",
     "load": "slimkit.core.artifacts:load",
+    "run": "slimkit.pipeline.runner:run",  # sk.run("recipe.yaml", model=..., data=..., out=...)
     "Scope": "slimkit.core.scope:Scope",
     "zoo": "slimkit.zoo",
     "errors": "slimkit.errors",

@@ -7,13 +7,15 @@ slimkit bench MODEL       latency, PyTorch eager vs ONNX Runtime
 slimkit demo              train, evaluate, export, check and time a model end to end
 slimkit analyze MODEL     roofline, measured layer times, predicted speed-ups, sensitivity
 slimkit hw measure|list   hardware profiles
+slimkit quantize|prune    compress a model; the artifact's recipe.yaml repeats it
+slimkit run RECIPE        apply a recipe's steps, export, measure, write the artifact
 """
 
 from __future__ import annotations
 
 import typer
 
-from slimkit.cli import analyze, bench, demo, export, hw, info, prune, quantize
+from slimkit.cli import analyze, bench, demo, export, hw, info, prune, quantize, run
 
 app = typer.Typer(
     name="slimkit",
@@ -29,6 +31,7 @@ app.command("bench")(bench.bench_cmd)
 app.command("demo")(demo.demo_cmd)
 app.command("quantize")(quantize.quantize_cmd)
 app.command("prune")(prune.prune_cmd)
+app.command("run")(run.run_cmd)
 app.command("analyze")(analyze.analyze_cmd)
 app.add_typer(hw.hw_app, name="hw")
 

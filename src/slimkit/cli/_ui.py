@@ -65,6 +65,28 @@ def status(message: str, enabled: bool = True) -> Iterator[None]:
         yield
 
 
+@contextmanager
+def stages(enabled: bool = True) -> Iterator[Callable[[str], None]]:
+    """A spinner naming the pipeline's current stage (pass the callback as ``on_event``); stages
+    that draw their own progress bar (``finetune``) run without it, so two never overlap."""
+    current: Any = None
+
+    def update(message: str) -> None:
+        nonlocal current
+        if current is not None:
+            current.stop()
+            current = None
+        if enabled and not message.endswith(": finetune"):
+            current = err_console.status(message)
+            current.start()
+
+    try:
+        yield update
+    finally:
+        if current is not None:
+            current.stop()
+
+
 def friendly_errors(fn: F) -> F:
     """Turn a SlimkitError into a red message and exit code 2 instead of a traceback."""
 

@@ -67,7 +67,7 @@ def analyze_cmd(
     predict what int8, pruning and low rank would buy, before any of them is made."""
     from slimkit.analyze.api import analyze
     from slimkit.core.machine import configure_threads
-    from slimkit.core.refs import parse_shape, resolve_model
+    from slimkit.pipeline.refs import parse_shape, resolve_model
 
     configure_threads(threads)
     shape = parse_shape(input_shape) if input_shape else None

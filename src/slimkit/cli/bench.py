@@ -46,7 +46,7 @@ def bench_cmd(
     """Measure latency: median of interleaved round medians, with the spread between rounds."""
     from slimkit.analyze.latency import eager_vs_ort
     from slimkit.core.machine import configure_threads, machine_info
-    from slimkit.core.refs import parse_shape, resolve_model
+    from slimkit.pipeline.refs import parse_shape, resolve_model
 
     configure_threads(threads)
     shape = parse_shape(input_shape) if input_shape else None

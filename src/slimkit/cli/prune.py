@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
-from slimkit.cli._ui import console, emit_json, err_console, friendly_errors, table
+from slimkit.cli._ui import console, emit_json, err_console, friendly_errors, stages, table
 from slimkit.errors import ConfigError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @friendly_errors
@@ -54,15 +56,14 @@ def prune_cmd(
     fine-tuned with response distillation from the dense one; otherwise the metric after pruning
     is the one-shot drop.
     """
-    from slimkit.analyze.latency import measure_latency, ort_runner
-    from slimkit.analyze.profile import profile_model
-    from slimkit.core.io import write_json
-    from slimkit.core.machine import channel_multiple, configure_threads, machine_info, versions
-    from slimkit.core.refs import parse_shape, resolve_model
-    from slimkit.export.onnx import export_onnx
-    from slimkit.export.ort import ort_session
-    from slimkit.prune import Channel, prune_channels, pruning_record, save_pruned
-    from slimkit.prune.auto import Target, prune_to_target
+    from slimkit.core.machine import channel_multiple, configure_threads
+    from slimkit.pipeline.artifact import write_metrics
+    from slimkit.pipeline.measure import compare
+    from slimkit.pipeline.recipe import Finetune, Recipe, Step
+    from slimkit.pipeline.refs import parse_shape, resolve_model
+    from slimkit.pipeline.runner import StepRecord, run
+    from slimkit.prune import Channel, pruning_record
+    from slimkit.prune.auto import Target
 
     configure_threads(2)
     targets = {"macs": target_macs, "params": target_params, "speedup": target_speedup}
@@ -73,65 +74,59 @@ def prune_cmd(
                   exclude=list(exclude))  # fmt: skip
     shape = parse_shape(input_shape) if input_shape else None
     rm = resolve_model(model, weights=weights, input_shape=shape, progress=not json_out)
-    x = rm.inputs(1)
-    task = None
-    if rm.task is not None:
-        from slimkit.zoo import evaluate, load_task
-
-        task = load_task(rm.task)
+    if finetune_epochs and rm.task is None:
+        raise ConfigError(
+            "--finetune-epochs needs a model with a bundled task (a trained zoo model)",
+            fix="fine-tune in Python with slimkit.prune.recover(model, loader, teacher=dense)",
+        )
+    data = None
     if targets:
-        tgt = Target(**targets, allocation=allocation, channel=cfg, hw=hw)  # type: ignore[arg-type]
-        calib = task.calibration(64) if task is not None and allocation != "uniform" else None
-        with err_console.status("searching per-layer ratios") as st:
-            small = prune_to_target(rm.model, tgt, example_inputs=x, data=calib,
-                                    on_step=lambda m: st.update(f"searching: {m}"))  # fmt: skip
+        step = Step("prune.auto", Target(**targets, allocation=allocation, channel=cfg, hw=hw))  # type: ignore[arg-type]
+        if rm.task is not None and allocation != "uniform":
+            data = f"zoo:{rm.task}:calibration"
         what = ", ".join(f"target {k} {v:g}" for k, v in targets.items())
     else:
-        with err_console.status("building the dependency graph and removing channels"):
-            small = prune_channels(rm.model, cfg, example_inputs=x)
+        step = Step("prune.channel", cfg)
         what = f"{ratio:.0%} of channels removed ({criterion})"
-    oneshot = None
+    steps = [step]
     if finetune_epochs:
-        if task is None:
-            raise ConfigError(
-                "--finetune-epochs needs a model with a bundled task (a trained zoo model)",
-                fix="fine-tune in Python with slimkit.prune.recover(model, loader, teacher=dense)",
-            )
-        from slimkit.prune import recover
+        steps.append(Step("finetune", Finetune(epochs=finetune_epochs, lr=1e-3, batch_size=64)))
+    recipe = Recipe.for_model(model, weights=weights, input_shape=shape, data=data,
+                              steps=tuple(steps))  # fmt: skip
+    oneshot: dict[str, float] = {}
 
-        oneshot = evaluate(small, task)
-        recover(small, task.loader("train", 64, shuffle=True), teacher=rm.model,
-                epochs=finetune_epochs, lr=1e-3, progress=not json_out)  # fmt: skip
-    save_pruned(small, out)
-    rep = export_onnx(small, out / "model.onnx", example_inputs=x)
-    before, after = profile_model(rm.model, x), profile_model(small, x)
-    with tempfile.TemporaryDirectory() as tmp:
-        dense = export_onnx(rm.model, Path(tmp) / "dense.onnx", example_inputs=x)
-        runners = {"dense": ort_runner(ort_session(dense.path), x),
-                   "pruned": ort_runner(ort_session(rep.path), x)}  # fmt: skip
-        with err_console.status("timing ONNX Runtime, dense vs pruned"):
-            lat = measure_latency(runners, runs=runs, warmup=5, rounds=3)
-    metrics: dict[str, Any] = {}
-    if task is not None:
-        metrics = {"dense": evaluate(rm.model, task), "pruned": evaluate(small, task)}
-        if oneshot is not None:
-            metrics["pruned_before_finetuning"] = oneshot
+    def before_finetuning(record: StepRecord, pruned: nn.Module) -> None:
+        if finetune_epochs and record.name.startswith("prune."):
+            from slimkit.zoo import evaluate, load_task
+
+            oneshot.update(evaluate(pruned, load_task(str(rm.task))))
+
+    with stages(not json_out) as stage:
+        res = run(recipe, model=rm, out=out, progress=not json_out, on_step=before_finetuning,
+                  on_event=stage)  # fmt: skip
+    with err_console.status("timing ONNX Runtime, dense vs pruned"):
+        cmp = compare(res, labels=("dense", "pruned"), runs=runs, sqnr=False, task_on="torch",
+                      profile=True)  # fmt: skip
+    metrics: dict[str, Any] = dict(cmp.task)
+    if oneshot:
+        metrics["pruned_before_finetuning"] = oneshot
+    run_info = res.to_dict()
     result = {
         "model": model, "config": cfg.to_dict(), "targets": targets,
-        "params": {"dense": before.total_params, "pruned": after.total_params},
-        "macs": {"dense": before.total_macs, "pruned": after.total_macs},
-        "latency_ms": {k: v.to_dict() for k, v in lat.items()},
-        "metrics": metrics, "onnx": rep.to_dict(), "machine": machine_info(),
-        "versions": versions(),
+        "params": cmp.params, "macs": cmp.macs,
+        "latency_ms": cmp.to_dict()["latency_ms"],
+        "metrics": metrics, "onnx": res.onnx.to_dict(), "machine": run_info["machine"],
+        "versions": run_info["versions"],
     }  # fmt: skip
-    write_json(out / "metrics.json", result)
+    write_metrics(out, {**result, "recipe": run_info["recipe"], "steps": run_info["steps"]})
     if json_out:
         emit_json(result)
         return
+    lat = cmp.latency
     d_ms, p_ms = lat["dense"].median_ms, lat["pruned"].median_ms
     rows: list[list[Any]] = [
-        ["parameters", before.total_params, after.total_params],
-        ["MACs", before.total_macs, after.total_macs],
+        ["parameters", cmp.params["dense"], cmp.params["pruned"]],
+        ["MACs", cmp.macs["dense"], cmp.macs["pruned"]],
         ["ORT latency, batch 1 (ms)", d_ms, p_ms],
         ["speed-up", 1.0, d_ms / p_ms],
     ]
@@ -140,8 +135,9 @@ def prune_cmd(
         if metrics and k in metrics["dense"]:
             rows.append([f"test {k} ({tuned})", metrics["dense"][k], metrics["pruned"][k]])
     console.print(table(f"{rm.name}: {what}", ["", "dense", "pruned"], rows))
-    auto = (pruning_record(small) or {}).get("auto", {})
+    auto = (pruning_record(res.model) or {}).get("auto", {})
     for k, v in auto.items():
         if k.startswith("predicted_speedup_on_"):
             console.print(f"roofline-predicted speed-up on {k[21:]}: {v:.2f}x (not measured)")
-    console.print(f"[dim]artifact in {out}/ (model.safetensors, pruning.json, model.onnx)[/]")
+    console.print(f"[dim]artifact in {out}/ (model.safetensors, pruning.json, model.onnx, "
+                  "recipe.yaml: slimkit run repeats it)[/]")  # fmt: skip

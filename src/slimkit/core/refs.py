@@ -1,13 +1,15 @@
-"""One place that turns the references users type (CLI, recipes) into models and data.
+"""The zoo-free half of reference resolution: files and ``package.module:attr`` references.
 
-Models:
-- ``zoo:NAME``: a trained zoo model (``slimkit zoo list``), trained and cached on first use; a zoo
-  architecture without a training recipe (e.g. ``zoo:resnet18``) comes with random weights.
-- ``path/to/program.pt2``: a saved ``torch.export`` program (no user code needed).
-- ``package.module:factory`` with ``weights=file.safetensors``: the user's own class.
-Data:
-- ``zoo:TASK[:split]`` (split defaults to ``train``), ``file.npz`` (arrays ``x`` and optional ``y``,
-  or the first array), ``package.module:loader`` (a callable returning an iterable of batches).
+Users type references on the command line and in recipes; ``slimkit.pipeline.refs`` turns them into
+models and data, and handles the ``zoo:`` forms there (``core`` knows no technique and no zoo). This
+module holds what needs neither: the resolved-model record, shape parsing, and the forms that name
+a file (``program.pt2``, ``data.npz``) or an importable object (``package.module:factory``)::
+
+    rm = resolve_model_file("mypkg.models:make_net", weights="w.safetensors", input_shape=(1, 16))
+    batches = resolve_data_file("calib.npz", batch_size=8)
+
+``resolve_model`` / ``resolve_data`` (every form, zoo included) are re-exported lazily from
+``slimkit.pipeline.refs`` so older imports keep working.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ MODEL_FORMS = (
     "package.module:factory (plus --weights file.safetensors)",
 )
 DATA_FORMS = (
-    "zoo:TASK[:split] (see `slimkit zoo list`)",
+    "zoo:TASK[:split] (see `slimkit zoo list`; split train, val, test or calibration)",
+    "zoo:MODEL:inputs (random example inputs of a zoo model)",
     "a .npz file (arrays x and optionally y)",
     "package.module:loader (a callable returning an iterable of batches)",
 )
@@ -60,23 +63,25 @@ class ResolvedModel:
         return tuple(out)
 
 
-def _fail(kind: str, ref: str, tried: str, forms: Sequence[str]) -> ReferenceResolutionError:
+def fail(kind: str, ref: str, tried: str, forms: Sequence[str]) -> ReferenceResolutionError:
+    """The error for an unresolvable reference: what was tried and which forms exist."""
     return ReferenceResolutionError(
         f"cannot resolve {kind} reference {ref!r}: {tried}",
         fix="use one of: " + "; ".join(forms),
     )
 
 
-def _import_attr(ref: str, kind: str, forms: Sequence[str]) -> Any:
+def import_attr(ref: str, kind: str, forms: Sequence[str]) -> Any:
+    """The object ``package.module:attr`` names."""
     mod_name, _, attr = ref.partition(":")
     try:
         mod = importlib.import_module(mod_name)
     except ImportError as e:
-        raise _fail(kind, ref, f"could not import module {mod_name!r} ({e})", forms) from None
+        raise fail(kind, ref, f"could not import module {mod_name!r} ({e})", forms) from None
     try:
         return getattr(mod, attr)
     except AttributeError:
-        raise _fail(kind, ref, f"module {mod_name!r} has no attribute {attr!r}", forms) from None
+        raise fail(kind, ref, f"module {mod_name!r} has no attribute {attr!r}", forms) from None
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -93,29 +98,26 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return dims
 
 
-def resolve_model(
+def resolve_model_file(
     ref: str,
     *,
     weights: str | Path | None = None,
     input_shape: Sequence[int] | None = None,
-    progress: bool = True,
 ) -> ResolvedModel:
-    """Resolve a model reference (see the module docstring) to a model in eval mode."""
+    """A ``.pt2`` program or a ``package.module:factory`` model, in eval mode."""
     shape_inputs = (torch.randn(*input_shape),) if input_shape else None
-    if ref.startswith("zoo:"):
-        return _zoo_model(ref[4:], progress=progress, shape_inputs=shape_inputs)
     if ref.endswith(".pt2"):
         if not Path(ref).is_file():
-            raise _fail("model", ref, "the file does not exist", MODEL_FORMS)
+            raise fail("model", ref, "the file does not exist", MODEL_FORMS)
         ep = torch.export.load(ref)
         ex = getattr(ep, "example_inputs", None)
         ex_args = tuple(ex[0]) if ex else shape_inputs
         return ResolvedModel(ep.module(), Path(ref).stem, ref, ex_args)
     if ":" in ref and not Path(ref).exists():
-        factory = _import_attr(ref, "model", MODEL_FORMS)
+        factory = import_attr(ref, "model", MODEL_FORMS)
         model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
         if not isinstance(model, nn.Module):
-            raise _fail(
+            raise fail(
                 "model", ref, f"it gave a {type(model).__name__}, not nn.Module", MODEL_FORMS
             )
         if weights is not None:
@@ -124,68 +126,34 @@ def resolve_model(
             load_into(model, load_weights(weights))
         return ResolvedModel(model.eval(), ref.rpartition(":")[2], ref, shape_inputs)
     tried = "the file does not exist" if not Path(ref).exists() else "unknown file type"
-    raise _fail("model", ref, tried, MODEL_FORMS)
+    raise fail("model", ref, tried, MODEL_FORMS)
 
 
-def _zoo_model(
-    name: str, *, progress: bool, shape_inputs: tuple[torch.Tensor, ...] | None
-) -> ResolvedModel:
-    from slimkit.zoo.models import MODELS, create_model, example_inputs
-    from slimkit.zoo.pretrained import PRETRAINED, pretrained
-
-    if name in PRETRAINED:
-        recipe = PRETRAINED.get(name)
-        model = pretrained(name, progress=progress)
-        ex = shape_inputs or _task_inputs(recipe.task)
-        return ResolvedModel(model, name, f"zoo:{name}", ex, recipe.task, {"trained": True})
-    if name in MODELS:
-        ex = shape_inputs or example_inputs(name, batch=1)
-        return ResolvedModel(create_model(name), name, f"zoo:{name}", ex, None, {"trained": False})
-    choices = sorted({*PRETRAINED.names(), *MODELS.names()})
-    from slimkit.core.registry import did_you_mean
-
-    hint = did_you_mean(name, choices)
-    raise ReferenceResolutionError(
-        f"there is no zoo model {name!r}",
-        fix=f"{hint + ' ' if hint else ''}zoo models are: {', '.join(choices)}",
-    )
-
-
-def _task_inputs(task_name: str) -> tuple[torch.Tensor, ...]:
-    """One real test sample of a task, as example inputs."""
-    from slimkit.zoo.tasks import load_task
-
-    x = load_task(task_name).test.tensors[0][:1]
-    return (x,)
-
-
-def resolve_data(ref: str, *, batch_size: int = 32) -> Any:
-    """Resolve a data reference to an iterable of batches (validated later by core.data)."""
-    if ref.startswith("zoo:"):
-        from slimkit.zoo.tasks import TASKS, load_task
-
-        name, _, split = ref[4:].partition(":")
-        if name not in TASKS:
-            raise _fail(
-                "data", ref, f"no zoo task {name!r} (tasks: {', '.join(TASKS)})", DATA_FORMS
-            )
-        return load_task(name).loader(split or "train", batch_size)
+def resolve_data_file(ref: str, *, batch_size: int = 32) -> Any:
+    """An ``.npz`` archive or a ``package.module:loader``, as an iterable of batches."""
     if ref.endswith(".npz"):
         import numpy as np
 
         if not Path(ref).is_file():
-            raise _fail("data", ref, "the file does not exist", DATA_FORMS)
+            raise fail("data", ref, "the file does not exist", DATA_FORMS)
         with np.load(ref, allow_pickle=False) as z:
             keys = list(z.keys())
             if not keys:
-                raise _fail("data", ref, "the archive holds no arrays", DATA_FORMS)
+                raise fail("data", ref, "the archive holds no arrays", DATA_FORMS)
             x = torch.from_numpy(z["x"] if "x" in z else z[keys[0]])
             y = torch.from_numpy(z["y"]) if "y" in z else None
         tensors = (x,) if y is None else (x, y)
         ds = torch.utils.data.TensorDataset(*tensors)
         return torch.utils.data.DataLoader(ds, batch_size=batch_size)
     if ":" in ref and not Path(ref).exists():
-        loader = _import_attr(ref, "data", DATA_FORMS)
+        loader = import_attr(ref, "data", DATA_FORMS)
         return loader() if callable(loader) else loader
     tried = "the file does not exist" if not Path(ref).exists() else "unknown file type"
-    raise _fail("data", ref, tried, DATA_FORMS)
+    raise fail("data", ref, tried, DATA_FORMS)
+
+
+def __getattr__(name: str) -> Any:
+    # every form, zoo included, lives one layer up; resolved on first use (no import cycle)
+    if name in ("resolve_model", "resolve_data"):
+        return getattr(importlib.import_module("slimkit.pipeline.refs"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,160 @@
+"""Artifacts: write what a run produced, and reload it without pickle.
+
+An artifact directory holds ``model.safetensors`` (plus ``pruning.json`` for a pruned model),
+``model.onnx`` when exported, ``recipe.yaml`` (the run with every choice pinned: ``slimkit run``
+repeats it) and ``metrics.json``. Each file is written atomically (temporary file + rename); files
+a previous run left in the folder that this run did not write (a ``pruning.json`` under a now
+quantized model) are removed, so the folder always describes one model.
+
+``load(dir, model=original)`` (``slimkit.load``) reloads any artifact into a fresh copy of the
+original architecture:
+
+- a pruning artifact (``pruning.json`` + ``model.safetensors``) replays the recorded slicing, then
+  loads the weights;
+- a directory or file with only ``model.safetensors`` loads the weights into ``model`` as they are.
+
+Quantized artifacts deploy as their ``model.onnx`` (run it with ``slimkit.export.ort.OrtModule``);
+``load`` says so instead of guessing.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+from torch.nn.utils import parametrize
+
+from slimkit.core.io import (
+    PathLike,
+    atomic_path,
+    load_into,
+    load_weights,
+    read_metadata,
+    save_weights,
+    write_json,
+)
+from slimkit.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from slimkit.pipeline.recipe import Export
+    from slimkit.pipeline.refs import ResolvedModel
+    from slimkit.pipeline.runner import RunResult
+
+FILES = ("model.safetensors", "pruning.json", "model.onnx", "recipe.yaml", "metrics.json")
+
+
+def write_artifact(result: RunResult, out: PathLike) -> Path:
+    """Write ``result`` into ``out``: weights, ONNX (per the recipe's export settings), the pinned
+    recipe and ``metrics.json`` (the run's record; commands add their measurements to it)."""
+    d = Path(out)
+    d.mkdir(parents=True, exist_ok=True)
+    written = save_model(result.model, d, method=result.quant_method)
+    if result.recipe.export.onnx:
+        result.onnx, result.kernels = export_model(
+            result.model,
+            d / "model.onnx",
+            source=result.source,
+            settings=result.recipe.export,
+            kind=result.export_kind,
+        )
+        written.append("model.onnx")
+    result.recipe.save(d / "recipe.yaml")
+    result.out = d
+    write_json(d / "metrics.json", result.to_dict())
+    for name in set(FILES) - {*written, "recipe.yaml", "metrics.json"}:
+        (d / name).unlink(missing_ok=True)
+    return d
+
+
+def save_model(model: nn.Module, directory: Path, *, method: str | None = None) -> list[str]:
+    """Save the weights the way ``load`` reads them back; returns the file names written."""
+    if type(model).__name__ == "OrtModule":  # an ONNX Runtime model (dynamic int8): the ONNX is it
+        return []
+    if method is not None:
+        save_weights(model.state_dict(), directory / "model.safetensors",
+                     metadata={"method": method})  # fmt: skip
+        return ["model.safetensors"]
+    from slimkit.prune import pruning_record
+
+    masked = any(parametrize.is_parametrized(m, "weight") for m in model.modules())
+    if pruning_record(model) is not None or masked:
+        from slimkit.prune.artifact import save_pruned
+
+        save_pruned(model, directory)
+        return ["model.safetensors", "pruning.json"]
+    save_weights(model.state_dict(), directory / "model.safetensors")
+    return ["model.safetensors"]
+
+
+def export_model(
+    model: nn.Module,
+    path: PathLike,
+    *,
+    source: ResolvedModel,
+    settings: Export,
+    kind: str = "onnx",
+) -> tuple[Any, Any]:
+    """Export ``model`` to ``path`` and check it in ONNX Runtime. ``kind`` (``RunResult
+    .export_kind``): ``qdq`` writes integer ONNX and counts the kernels ORT runs, ``ort`` copies
+    the file an ONNX Runtime model runs, ``onnx`` is a float export with a parity check.
+    Returns ``(ExportReport | None, KernelReport | None)``."""
+    inputs = source.inputs(settings.batch)
+    if kind == "ort":
+        src = getattr(model, "path", None)
+        if not src:
+            raise CheckpointError(
+                "this ONNX Runtime model does not say which file it runs",
+                fix="quantize with slimkit.quant.Dynamic(path=...) or export: {onnx: false}",
+            )
+        with atomic_path(path) as tmp:
+            shutil.copyfile(src, tmp)
+        return None, None
+    if kind == "qdq":
+        from slimkit.export.qdq import export_quantized
+
+        return export_quantized(model, Path(path), example_inputs=inputs)
+    from slimkit.export.onnx import export_onnx
+
+    rep = export_onnx(model, Path(path), example_inputs=inputs, opset=settings.opset,
+                      atol=settings.atol, exporter=settings.exporter)  # fmt: skip
+    return rep, None
+
+
+def load(directory: PathLike, *, model: nn.Module) -> nn.Module:
+    """The artifact in ``directory`` as a module built on ``model`` (which is not modified)."""
+    d = Path(directory)
+    if d.is_file() and d.suffix == ".safetensors":
+        out = copy.deepcopy(model)
+        load_into(out, load_weights(d))
+        return out
+    if not d.is_dir():
+        raise CheckpointError(
+            f"{str(d)!r} is neither an artifact directory nor a .safetensors file",
+            fix="pass the --out directory of a slimkit command (or save_pruned's directory)",
+        )
+    if (d / "pruning.json").is_file():
+        from slimkit.prune.artifact import load_pruned
+
+        return load_pruned(d, model=model)
+    weights = d / "model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(
+            f"{str(d)!r} holds no model.safetensors", fix="point at a slimkit artifact directory"
+        )
+    meta = read_metadata(weights)
+    if str(meta.get("method", "")).startswith("quant"):
+        raise CheckpointError(
+            f"{str(d)!r} is a quantized artifact: its deployable form is {str(d / 'model.onnx')!r}",
+            fix="run it with slimkit.export.ort.OrtModule(path), or re-quantize the float model",
+        )
+    out = copy.deepcopy(model)
+    load_into(out, load_weights(weights))
+    return out
+
+
+def write_metrics(out: PathLike, metrics: dict[str, Any]) -> None:
+    """(Re)write ``metrics.json`` of an artifact (atomically)."""
+    write_json(Path(out) / "metrics.json", metrics)
