@@ -97,8 +97,16 @@ def _module_call(
 
     def owned(i: int, leaf: str, cls: type[nn.Module] | tuple[type[nn.Module], ...]) -> str | None:
         obj = tensor(i)
+        classes = cls if isinstance(cls, tuple) else (cls,)
         for name, attr in owners.get(id(obj), []) if obj is not None else []:
-            if attr == leaf and isinstance(modules.get(name), cls):
+            m = modules.get(name)
+            # a subclass with its own forward (ConvNeXt's channels-first LayerNorm) computes
+            # something else than the op it calls: not a module call
+            if (
+                attr == leaf
+                and isinstance(m, classes)
+                and any(type(m).forward is c.forward for c in classes)
+            ):
                 return name
         return None
 
