@@ -17,7 +17,7 @@ runner = CliRunner()
 def test_quantize_random_zoo_model_writes_artifact(tmp_path: Path) -> None:
     out = tmp_path / "q"
     res = runner.invoke(app, ["quantize", "zoo:cnn_bn", "--out", str(out), "--runs", "3",
-                              "--num-batches", "8", "--json"])  # fmt: skip
+                              "--num-batches", "8", "--no-speed-check", "--json"])  # fmt: skip
     assert res.exit_code == 0, res.output
     r = json.loads(res.stdout)
     floated = len(r["float_layers"])  # the timed float prefix: none silent

@@ -23,7 +23,7 @@ from . import cases as c
 def test_the_calls_of_the_issue_run_through_the_registry() -> None:
     model = c.tiny("cnn_bn")
     x, data = c.inputs("cnn_bn")
-    fast = sk.quant.PTQ(float_prefix=False, num_batches=2)
+    fast = sk.quant.PTQ(float_prefix=False, num_batches=2, speed_check=False)
     for q in (sk.quantize(model, "int8", data=data), sk.quantize(model, "quant.ptq", data=data),
               sk.quantize(model, fast, data=data)):  # fmt: skip
         assert sk.report(q).method == "quant.ptq" and q.meta["slimkit"]["method"] == "quant.ptq"
@@ -104,7 +104,9 @@ def test_example_inputs_default_to_the_first_batch_and_iterators_are_read_once()
     small = sk.prune(model, "channel", data=data)  # traced on data[0]
     assert small(*x).shape == model(*x).shape
     one_pass = (b for b in data)
-    q = sk.quantize(model, sk.quant.PTQ(float_prefix=False, num_batches=2), data=one_pass)
+    q = sk.quantize(
+        model, sk.quant.PTQ(float_prefix=False, num_batches=2, speed_check=False), data=one_pass
+    )
     assert sk.report(q).record["activation_quantizers"] > 0
     dyn = sk.quantize(c.tiny("mlp"), "dynamic", data=c.inputs("mlp")[1])
     assert isinstance(dyn.path, str) and dyn.path.endswith(".onnx")  # exported on data[0]
@@ -137,14 +139,14 @@ def test_report_of_a_direct_handler_call_and_of_a_plain_module() -> None:
 
     model = c.tiny("mlp")
     _, data = c.inputs("mlp")
-    q = quantize_ptq(model, PTQ(float_prefix=False, num_batches=2), data=data)
+    q = quantize_ptq(model, PTQ(float_prefix=False, num_batches=2, speed_check=False), data=data)
     rep = sk.report(q)
     assert isinstance(rep, Report) and rep.method == "quant.ptq" and not rep.changed
     assert any("no before/after" in n for n in rep.notes)
     assert json.loads(json.dumps(rep.to_dict()))["config"]["num_batches"] == 2
     with pytest.raises(ConfigError, match="not produced by a slimkit verb.*Fix:"):
         sk.report(model)
-    text = sk.report(sk.quantize(model, "int8", data=data)).summary()
+    text = sk.report(sk.quantize(model, PTQ(speed_check=False), data=data)).summary()
     assert text.startswith("quant.ptq; params") and "ActQuant 0->" in text
 
 

@@ -29,7 +29,8 @@ def test_python_objects_run_without_writing_anything() -> None:
     model = _mlp()
     before = copy.deepcopy(model.state_dict())
     data = [torch.randn(8, 16) for _ in range(4)]
-    recipe = {"steps": [{"quant.ptq": {"float_prefix": False, "num_batches": 4}}]}
+    recipe = {"steps": [{"quant.ptq": {"float_prefix": False, "num_batches": 4,
+                                       "speed_check": False}}]}  # fmt: skip
     seen: list[str] = []
     res = sk.run(recipe, model=model, data=data, on_step=lambda r, m: seen.append(r.name))
     assert seen == ["quant.ptq"] and res.steps[0].via == "slimkit.quantize"

@@ -104,8 +104,8 @@ def test_adaround_lowers_layer_error_and_exports_its_integers(tmp_path: Path) ->
     model = create_model(name)
     calib = [example_inputs(name, batch=2, seed=i)[0] for i in range(16)]
     held_out = [example_inputs(name, batch=4, seed=100 + i)[0] for i in range(4)]
-    nearest = quantize(model, PTQ(), data=calib)
-    learned = quantize(model, PTQ(adaround=200), data=calib)
+    nearest = quantize(model, PTQ(speed_check=False), data=calib)
+    learned = quantize(model, PTQ(speed_check=False, adaround=200), data=calib)
     assert "learned rounding in" in learned.meta["slimkit"]["adaround"]
     before, after = _layer_mse(nearest, held_out), _layer_mse(learned, held_out)
     # measured on held-out data (with bias absorption on): the four block convs 3-6 % lower, fc 1 %,

@@ -44,7 +44,7 @@ def _metric(ref_model: nn.Module, x: torch.Tensor):  # type: ignore[no-untyped-d
 def test_the_sensitive_layer_falls_back_and_the_drop_is_met() -> None:
     model, calib, x = _model_and_data()
     metric = _metric(model, x)
-    cfg = PTQ(calibration="minmax", bias_correction=False)
+    cfg = PTQ(speed_check=False, calibration="minmax", bias_correction=False)
     q, rep = quantize_with_fallback(model, cfg, data=calib, metric=metric, max_drop=0.01)
     assert rep.steps[0]["metric"] < -0.01  # all-int8 misses the target (measured about -0.5)
     assert rep.float_layers == ["0"] and rep.met
@@ -60,7 +60,7 @@ def test_a_given_sensitivity_result_is_used_and_unmet_targets_error() -> None:
     sens = SensitivityResult("sqnr_db", float("inf"), [
         SensitivityRow("0", "int8", 30.0, 0.5), SensitivityRow("2", "int8", 40.0, 0.1),
         SensitivityRow("4", "int8", 50.0, 0.01)])  # fmt: skip
-    cfg = PTQ(calibration="minmax", bias_correction=False)
+    cfg = PTQ(speed_check=False, calibration="minmax", bias_correction=False)
     _, rep = quantize_with_fallback(model, cfg, data=calib, metric=metric, max_drop=0.01,
                                     sensitivity=sens)  # fmt: skip
     assert rep.ranking_source.startswith("sensitivity") and rep.float_layers == ["0"]

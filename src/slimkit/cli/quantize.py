@@ -33,6 +33,11 @@ def quantize_cmd(
         "--float-prefix/--all-int8",
         help="keep the first layers float where ORT runs them faster (timed here), or not",
     ),  # fmt: skip
+    speed_check: bool = typer.Option(
+        True,
+        "--speed-check/--no-speed-check",
+        help="keep float what ORT runs slower in int8 here (whole model if need be), or not",
+    ),  # fmt: skip
     runs: int = typer.Option(30, min=1, help="timed runs per latency round"),
     json_out: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
 ) -> None:
@@ -53,7 +58,7 @@ def quantize_cmd(
     configure_threads(2)
     bits: Any = weight_bits if weight_bits == "auto" else int(weight_bits)
     cfg = PTQ(calibration=method, percentile=percentile, weight_bits=bits, num_batches=num_batches,
-              float_prefix=float_prefix)  # fmt: skip
+              float_prefix=float_prefix, speed_check=speed_check)  # fmt: skip
     shape = parse_shape(input_shape) if input_shape else None
     rm = resolve_model(model, weights=weights, input_shape=shape, progress=not json_out)
     if calib is None and default_data(rm) is None:
@@ -91,6 +96,7 @@ def quantize_cmd(
         "kernels": res.kernels.to_dict(),
         "onnx": res.onnx.to_dict(),
         "float_layers": meta["float_layers"],
+        "speed_check": meta.get("speed", {}),
     }
     if "fallback" in meta:
         result["fallback"] = meta["fallback"]

@@ -59,6 +59,8 @@ def _as_tensor(x: Any, where: str, what: str) -> torch.Tensor:
 
 def _normalise(item: Any, index: int, n_inputs: int, what: str) -> Batch:
     where = f"batch {index}"
+    if isinstance(item, Batch):  # already normalised (a technique re-running another)
+        return Batch(index, item.args, dict(item.kwargs), item.target)
     if isinstance(item, Mapping):
         kwargs, target = {}, None
         for k, v in item.items():

@@ -346,9 +346,12 @@ def _apply(step: Step, model: nn.Module, ctx: _Context) -> tuple[nn.Module, Step
 def _pin(step: Step, out: nn.Module) -> Step:
     """The step with the choices the method made by timing or searching written in."""
     cfg: Config = step.config
-    if step.name == "quant.ptq" and isinstance(getattr(cfg, "float_prefix", None), bool):
+    if step.name == "quant.ptq" and (
+        isinstance(getattr(cfg, "float_prefix", None), bool) or getattr(cfg, "speed_check", False)
+    ):  # timed: the float prefix and the layers (or whole model) kept float for speed
         meta = getattr(out, "meta", {}).get("slimkit", {})  # True: timed; False: none
-        cfg = cfg.replace(float_prefix=list(meta.get("float_prefix_layers", [])))
+        cfg = cfg.replace(float_prefix=list(meta.get("float_prefix_layers", [])),
+                          speed_check=False)  # fmt: skip
     speedup = getattr(cfg, "speedup", None)
     if step.name == "prune.auto" and speedup is not None and getattr(cfg, "hw", None) is None:
         from slimkit.prune import pruning_record  # measured here: pin the MAC budget it chose
@@ -421,7 +424,7 @@ def _fallback(step: Step, model: nn.Module, ctx: _Context) -> tuple[nn.Module, S
                                        metric=metric, max_drop=step.max_drop, scope=scope,
                                        example_inputs=ctx.example())  # fmt: skip
     meta = q.meta["slimkit"]
-    cfg = step.config.replace(float_prefix=list(meta["float_prefix_layers"]))
+    cfg = step.config.replace(float_prefix=list(meta["float_prefix_layers"]), speed_check=False)
     spec = step.scope or ScopeSpec()
     spec = spec.replace(exclude=[*spec.exclude, *(re.escape(n) for n in report.float_layers)])
     pinned = Step(step.name, cfg, spec if spec.to_dict() != ScopeSpec().to_dict() else None)

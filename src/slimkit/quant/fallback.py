@@ -136,9 +136,9 @@ def quantize_with_fallback(
         return q, value
 
     q, value = run([])
-    if cfg.float_prefix is True:  # time once; the runs below keep that prefix (and skip it)
+    if cfg.float_prefix is True or cfg.speed_check:  # time once; the runs below keep the choice
         pinned = list(q.meta["slimkit"]["float_prefix_layers"])
-        cfg = PTQ(**{**cfg.to_dict(), "float_prefix": pinned})
+        cfg = PTQ(**{**cfg.to_dict(), "float_prefix": pinned, "speed_check": False})
         layers = [n for n in layers if n not in pinned]
     if report.float_metric - value > max_drop and limit > 0:
         if sensitivity is not None:

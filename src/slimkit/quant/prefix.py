@@ -176,7 +176,7 @@ def _variant_onnx(
     return dest
 
 
-def _round_quartiles_ms(runners: dict[str, Any], *, runs: int, rounds: int) -> list[float]:
+def round_quartiles_ms(runners: dict[str, Any], *, runs: int, rounds: int) -> list[float]:
     """Per runner: the 25th percentile of its ``runs`` run times in each round, the median over
     rounds (ms). Rounds interleave the runners, so a slow spell of the machine hits one round of
     every runner, not all runs of one; other processes only ever slow a run, so a low quantile
@@ -258,7 +258,7 @@ def choose(
                     # without spinning: a busy-waiting pool of one session slows the next one's
                     # runs (round medians of one variant 1.0-1.8 ms with spinning, +-5 % without)
                     runners[str(k)] = ort_runner(ort_session(path, spinning=False), [x])
-                times = _round_quartiles_ms(runners, runs=runs, rounds=rounds)
+                times = round_quartiles_ms(runners, runs=runs, rounds=rounds)
             _CACHE[key] = (pick(times), [round(t, 4) for t in times])
     except Exception as e:  # noqa: BLE001 - the timing is an optimisation: never fail on it
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""

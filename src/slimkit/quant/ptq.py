@@ -21,6 +21,12 @@ timing runs at batch 1, 2 threads, on this CPU (the deployment this toolkit meas
 is recorded in ``meta["float_prefix_layers"]``; pass that list back as ``float_prefix`` to repeat
 it exactly, or ``False`` for all-int8.
 
+Never slower than the source (``speed_check=True``, quant.speed): the int8 model is timed against
+the float model in ORT on this machine; layers whose integer kernels are slower stay float, and a
+model that is still slower comes back float (BN folded), with the times in ``meta["speed"]``.
+Models torch.fx cannot trace (Hugging Face models, flags in ``forward``) are captured through
+``torch.export`` (``core.graph.capture_model``; ``meta["capture"]``), and take keyword inputs.
+
 Weight bits: on CPUs without VNNI, ORT's uint8 x int8 kernels add pairs of products in 16 bits and
 saturate with full 8-bit weights (measured here, AVX2: 27 output steps of error on a 3x3 conv fed
 codes over 0..255; ResNet-18/32 as run 23.2 dB against 32.6 dB simulated). 7-bit weights keep
@@ -33,8 +39,10 @@ measures ORT against the simulation, so saturation shows up as a failed check, n
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import torch
@@ -77,6 +85,9 @@ class PTQ(Config):
     # none; a list of layer names: exactly those (to repeat: meta["float_prefix_layers"])
     float_prefix: bool | list[str] = True
     rotate_boundary: bool = True  # where the float prefix ends (quant.prefix.rotate_boundary)
+    # never slower than the source (quant.speed): time int8 against float in ORT, keep float the
+    # layers whose integer kernels are slower, and the whole model if it still is slower
+    speed_check: bool = True
 
 
 def resolve_weight_bits(value: str | int) -> int:
@@ -170,8 +181,6 @@ def quantize_ptq(
     ``input_ids`` / ``attention_mask``). ``example_inputs`` / ``example_kwargs`` default to the
     first batch. Models torch.fx cannot trace are captured through torch.export
     (``meta["capture"]`` says which path was taken and what was left whole)."""
-    import copy
-
     cfg = config or PTQ()
     t0 = time.perf_counter()
     batches = collect_batches(data, what="calibration data", limit=cfg.num_batches)
@@ -213,6 +222,11 @@ def quantize_ptq(
         choice = prefix.choose(gm, sim.place(gm, scope).weighted, () if kwargs else args)
         floated = choice.layers
         notes["float_prefix"] = choice.summary()
+    weighted_all = [n for n, m in gm.named_modules() if isinstance(m, sim.WEIGHTED)]
+    if weighted_all and set(weighted_all) <= set(floated):  # every layer float: the float model
+        gm.meta["slimkit"] = _meta(cfg, gm, 0, 0, weighted_all, floated, {}, notes, t0)
+        return gm
+    float_ref = copy.deepcopy(gm) if cfg.speed_check else None
     plan = sim.place(gm, scope, keep_float=floated)
     if floated and cfg.rotate_boundary:
         from slimkit.quant.prefix import rotate_boundary
@@ -244,80 +258,75 @@ def quantize_ptq(
     if cfg.embeddings:
         notes["int8_embeddings"] = ", ".join(quantize_embeddings(out, scope)) or "none"
     out.eval()
-    out.meta["slimkit"] = {
+    out.meta["slimkit"] = _meta(cfg, gm, bits, len(quants), plan.skipped, floated, const, notes,
+                                t0, quantized=len(plan.weighted))  # fmt: skip
+    if float_ref is None or not plan.weighted:
+        return out
+    return _never_slower(model, cfg, out, float_ref, list(plan.weighted.values()), floated,
+                         data=batches, args=args, kwargs=kwargs, scope=scope)  # fmt: skip
+
+
+def _meta(cfg: PTQ, gm: fx.GraphModule, bits: int, n_quants: int, float_layers: list[str],
+          floated: list[str], const: dict[str, float], notes: dict[str, str], t0: float,
+          quantized: int = 0) -> dict[str, Any]:  # fmt: skip
+    return {
         "method": "quant.ptq",
         "config": cfg.to_dict(),
         "weight_bits": bits,  # depthwise convs: 8
-        "activation_quantizers": len(quants),
-        "quantized_layers": len(plan.weighted),
-        "float_layers": plan.skipped,  # out of scope or in the float prefix
+        "activation_quantizers": n_quants,
+        "quantized_layers": quantized,
+        "float_layers": float_layers,  # out of scope, in the float prefix, or slower in int8
         "float_prefix_layers": floated,
         # one value on all calibration data (zero-initialised branches, dead channels):
         # quantized exactly, listed here
-        "constant_activations": {k: v for k, v in const.items()},
+        "constant_activations": dict(const),
         "capture": gm.meta.get("capture", {}),
         **notes,
         "seconds": round(time.perf_counter() - t0, 3),
     }
-    return out
 
 
-ALIASES = {
-    "int8": "static", "ptq": "static", "quant.ptq": "static", "static": "static",
-    "dynamic": "dynamic", "quant.dynamic": "dynamic",
-    "weight-only": "weight_only", "weight_only": "weight_only", "quant.weight_only": "weight_only",
-    "fp16": "fp16", "bf16": "bf16",
-}  # fmt: skip
+def _never_slower(
+    model: nn.Module, cfg: PTQ, out: fx.GraphModule, float_ref: fx.GraphModule,
+    layers: list[str], floated: list[str], *, data: list[Batch], args: tuple[Any, ...],
+    kwargs: dict[str, Any], scope: Scope | None,
+) -> fx.GraphModule:  # fmt: skip
+    """``out``, or ``out`` with its slow layers float, or the float model: whichever is not slower
+    than the float model on ORT (quant.speed)."""
+    from slimkit.quant import speed
 
-
-def quantize(
-    model: nn.Module,
-    config: str | Config = "int8",
-    *,
-    data: Any = None,
-    example_inputs: tuple[torch.Tensor, ...] | None = None,
-    scope: Scope | None = None,
-    progress: bool = False,
-) -> nn.Module:
-    """The quantization verb: ``sk.quantize(model, "int8", data=calib)``.
-
-    ``config`` is a name (``int8`` static PTQ, ``dynamic``, ``weight-only``, ``fp16``, ``bf16``)
-    or a config object (``PTQ``, ``Dynamic``, ``WeightOnly``, ``Half``). Static PTQ needs ``data``
-    (calibration batches); dynamic on ONNX Runtime needs ``example_inputs``.
-    """
-    from slimkit.errors import ConfigError
-    from slimkit.quant.dynamic import Dynamic, quantize_dynamic
-    from slimkit.quant.half import Half, to_half
-    from slimkit.quant.weight_only import WeightOnly, quantize_weight_only
-
-    if isinstance(config, str):
-        kind = ALIASES.get(config)
-        if kind is None:
-            from slimkit.core.registry import did_you_mean
-
-            hint = did_you_mean(config, list(ALIASES))
-            raise ConfigError(
-                f"unknown quantization {config!r}",
-                fix=f"{hint + ' ' if hint else ''}use one of {', '.join(ALIASES)} or a config "
-                "object such as PTQ(...)",
-            )
-        config = {"static": PTQ(), "dynamic": Dynamic(), "weight_only": WeightOnly(),
-                  "fp16": Half(dtype="fp16"), "bf16": Half(dtype="bf16")}[kind]  # fmt: skip
-    if isinstance(config, PTQ):
-        if data is None:
-            raise ConfigError(
-                "static int8 quantization needs calibration data",
-                fix="pass data=... (an iterable of input batches, ~32 samples), or use 'dynamic'",
-            )
-        return quantize_ptq(model, config, data=data, example_inputs=example_inputs, scope=scope,
-                            progress=progress)  # fmt: skip
-    if isinstance(config, Dynamic):
-        return quantize_dynamic(model, config, example_inputs=example_inputs)
-    if isinstance(config, WeightOnly):
-        return quantize_weight_only(model, config, scope=scope)
-    if isinstance(config, Half):
-        return to_half(model, config)
-    raise ConfigError(
-        f"{type(config).__name__} is not a quantization config",
-        fix="use PTQ, Dynamic, WeightOnly or Half from slimkit.quant",
-    )
+    t0 = time.perf_counter()
+    try:
+        with speed.workdir() as d:
+            tmp = Path(d)
+            result, inputs, paths = speed.check(float_ref, out, args, kwargs, tmp)
+            chosen = out
+            if result.int8_ms > speed.TOLERANCE * result.fp32_ms:
+                slow = speed.slow_layers(paths["fp32"], paths["int8"], inputs, layers)
+                chosen = float_ref
+                result.decision = "float"
+                if slow and len(slow) < len(layers):
+                    again = cfg.replace(speed_check=False, float_prefix=sorted({*floated, *slow}))
+                    retry = quantize_ptq(model, again, data=data, example_inputs=args,
+                                         example_kwargs=kwargs, scope=scope)  # fmt: skip
+                    fp, q = speed.retime(paths["fp32"], retry, args, kwargs, inputs, tmp)
+                    result.slow_layers, result.retry_ms = slow, round(q, 4)
+                    if q <= speed.TOLERANCE * fp:
+                        chosen, result.decision = retry, "int8, slow layers float"
+    except Exception as e:  # noqa: BLE001 - timing is a check: a failure keeps int8, said so
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+        out.meta["slimkit"]["speed"] = {"decision": "int8", "not_timed": f"{type(e).__name__}: "
+                                        f"{first}"}  # fmt: skip
+        return out
+    if chosen is float_ref:
+        layer_names = [n for n, m in float_ref.named_modules() if isinstance(m, sim.WEIGHTED)]
+        float_ref.meta["slimkit"] = {
+            **out.meta["slimkit"], "quantized_layers": 0, "activation_quantizers": 0,
+            "float_layers": layer_names, "float_prefix_layers": layer_names,
+            "kept_float": "int8 ran slower than float on ONNX Runtime on this CPU",
+        }  # fmt: skip
+    meta = chosen.meta["slimkit"]
+    meta["speed"] = {**result.to_dict(), "summary": result.summary(),
+                     "seconds": round(time.perf_counter() - t0, 3)}  # fmt: skip
+    meta["seconds"] = round(meta["seconds"] + meta["speed"]["seconds"], 3)
+    return chosen

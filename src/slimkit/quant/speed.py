@@ -1,0 +1,130 @@
+"""Never slower than the source: the int8 model is timed against the float model on ONNX Runtime.
+
+int8 is a speed claim only where the runtime has a faster kernel. On small layers, on activations
+without an integer kernel (hard-swish, squeeze-excite gates), around concatenations and grouped
+convs, the QuantizeLinear / DequantizeLinear pairs and layout changes cost more than the integer
+arithmetic saves, and a quantized model can run slower than its float source. So PTQ
+(``speed_check=True``, the default) exports both, times them in ORT at batch 1 with this
+machine's threads (interleaved rounds, lower quartiles, as ``quant.prefix`` does), and:
+
+1. keeps the int8 model when it is no slower than the float one;
+2. otherwise profiles both (``export.ort_profile``), keeps float every layer whose integer
+   kernels took longer than its float kernels, quantizes again and times again;
+3. and if the model is still slower, returns the float model (BN folded, no quantizer), saying so.
+
+The decision and every time behind it are recorded in ``meta["slimkit"]["speed"]``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Collection
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+# int8 is kept when its time is at most this times the float time (ties go to int8: smaller file)
+TOLERANCE = 1.0
+
+
+@dataclass
+class SpeedCheck:
+    """Float and int8 times on ORT (ms, batch 1) and what was decided."""
+
+    fp32_ms: float
+    int8_ms: float
+    decision: str = "int8"  # "int8", "int8, slow layers float", "float"
+    slow_layers: list[str] = field(default_factory=list)  # kept float after profiling
+    retry_ms: float | None = None  # the int8 model with those layers float
+
+    def summary(self) -> str:
+        text = f"ORT batch 1: fp32 {self.fp32_ms:.4g} ms, int8 {self.int8_ms:.4g} ms"
+        if self.retry_ms is not None:
+            text += f", int8 with {len(self.slow_layers)} slow layers float {self.retry_ms:.4g} ms"
+        return f"{text}; kept {self.decision}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def first_sample(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict]:
+    """Batch 1 of an example (the deployment this toolkit times)."""
+
+    def one(t: Any) -> Any:
+        return t[:1] if isinstance(t, torch.Tensor) and t.dim() > 0 else t
+
+    return tuple(one(t) for t in args), {k: one(t) for k, t in kwargs.items()}
+
+
+def _export(model: nn.Module, dest: Path, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Path:
+    from slimkit.export.onnx import export_onnx
+
+    export_onnx(model.eval(), dest, example_inputs=args, example_kwargs=kwargs, check=False,
+                dynamic_batch=False)  # fmt: skip
+    return dest
+
+
+def _feeds(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+    from slimkit.export.onnx import flat_io
+
+    return list(flat_io(model, args, kwargs)[1])
+
+
+def time_onnx(paths: dict[str, Path], inputs: list[Any], *, runs: int = 20,
+              rounds: int = 3) -> dict[str, float]:  # fmt: skip
+    """Lower-quartile ms per ONNX file, interleaved rounds (``quant.prefix``'s timing)."""
+    from slimkit.analyze.latency import ort_runner
+    from slimkit.export.ort import ort_session
+    from slimkit.quant.prefix import round_quartiles_ms
+
+    runners = {k: ort_runner(ort_session(p, spinning=False), inputs) for k, p in paths.items()}
+    return dict(zip(runners, round_quartiles_ms(runners, runs=runs, rounds=rounds), strict=True))
+
+
+def slow_layers(
+    fp32: Path, int8: Path, inputs: list[Any], layers: Collection[str], *, runs: int = 30
+) -> list[str]:
+    """The ``layers`` (module names) whose kernels take longer in ``int8`` than in ``fp32``,
+    by ORT's profiler (kernels mapped back to modules)."""
+    from slimkit.export.ort_profile import profile_onnx
+
+    def per_layer(path: Path) -> dict[str, float]:
+        out = dict.fromkeys(layers, 0.0)
+        for n in profile_onnx(path, inputs, runs=runs, modules=None):
+            for name in layers:
+                if n.module == name or n.module.startswith(name + "."):
+                    out[name] += n.us
+                    break
+        return out
+
+    f, q = per_layer(fp32), per_layer(int8)
+    return [n for n in layers if q[n] > f[n] > 0]
+
+
+def check(
+    float_model: nn.Module, int8_model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+    tmp: Path,
+) -> tuple[SpeedCheck, list[Any], dict[str, Path]]:  # fmt: skip
+    """Time ``int8_model`` against ``float_model`` (both exported to ``tmp``)."""
+    a1, k1 = first_sample(args, kwargs)
+    paths = {"fp32": _export(float_model, tmp / "fp32.onnx", a1, k1),
+             "int8": _export(int8_model, tmp / "int8.onnx", a1, k1)}  # fmt: skip
+    inputs = _feeds(float_model, a1, k1)
+    t = time_onnx(paths, inputs)
+    return SpeedCheck(fp32_ms=round(t["fp32"], 4), int8_ms=round(t["int8"], 4)), inputs, paths
+
+
+def retime(fp32: Path, int8_model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+           inputs: list[Any], tmp: Path) -> tuple[float, float]:  # fmt: skip
+    """``(fp32 ms, int8 ms)`` again, the new int8 model against the same float file."""
+    a1, k1 = first_sample(args, kwargs)
+    path = _export(int8_model, tmp / "int8_retry.onnx", a1, k1)
+    t = time_onnx({"fp32": fp32, "int8": path}, inputs)
+    return t["fp32"], t["int8"]
+
+
+def workdir() -> tempfile.TemporaryDirectory[str]:
+    return tempfile.TemporaryDirectory(prefix="slimkit-speed-")
