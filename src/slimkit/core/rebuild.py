@@ -22,8 +22,9 @@ under their original names, and computes the same values.
 
 from __future__ import annotations
 
+import contextlib
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -239,13 +240,27 @@ def fixed_kwargs(model: nn.Module, given: set[str]) -> dict[str, Any]:
     return {}
 
 
-def caches_off(model: nn.Module) -> None:
+def caches_off(model: nn.Module) -> list[Any]:
     """Switch off key/value caches in ``model``'s config (a copy's: it is changed in place), so
-    that a captured graph returns tensors only."""
+    that a captured graph returns tensors only; returns the configs changed."""
+    changed = []
     for m in model.modules():
         cfg = getattr(m, "config", None)
         if cfg is not None and getattr(cfg, "use_cache", False):
             cfg.use_cache = False
+            changed.append(cfg)
+    return changed
+
+
+@contextlib.contextmanager
+def no_caches(model: nn.Module) -> Iterator[None]:
+    """``caches_off`` for the duration only: the user's model comes back as it was."""
+    changed = caches_off(model)
+    try:
+        yield
+    finally:
+        for cfg in changed:
+            cfg.use_cache = True
 
 
 def linearize_conv1d(model: nn.Module) -> list[str]:

@@ -315,6 +315,17 @@ def prune_channels(
     }
     if previous and previous.get("dropped"):
         record["dropped"] = previous["dropped"]  # blocks dropped earlier (prune/blocks.py)
+    if not any(plan.remove.values()):  # a verb that changes nothing says so, and why
+        why = "; ".join(plan.skipped[:3]) + (f" (and {len(plan.skipped) - 3} more)"
+                                             if len(plan.skipped) > 3 else "")  # fmt: skip
+        record["nothing_removed"] = (
+            f"every channel group was refused: {why}"
+            if plan.skipped
+            else "no prunable channel group (no Conv/Linear output feeds another layer)"
+        )
+        import warnings
+
+        warnings.warn(f"prune.channel removed nothing: {record['nothing_removed']}", stacklevel=2)
     set_record(out, record)
     return out
 

@@ -32,7 +32,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from slimkit.core.graph import capture
-from slimkit.errors import DataError, GraphCaptureError
+from slimkit.errors import DataError, GraphCaptureError, SlimkitError
 from slimkit.prune.hf_attention import HEAD_COUNT_ATTRS, head_layout
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -265,11 +265,18 @@ class _Builder:
     # -- the walk -------------------------------------------------------------------------------
     def run(self) -> DepGraph:
         for node in self.gm.graph.nodes:
-            if node.op == "call_module":
-                self.call_module(node)
-            elif node.op in ("call_function", "call_method"):
-                self.call_function(node)
-            elif node.op == "output":
+            try:
+                if node.op == "call_module":
+                    self.call_module(node)
+                elif node.op in ("call_function", "call_method"):
+                    self.call_function(node)
+            except SlimkitError:
+                raise
+            except Exception as e:  # an op with arguments slimkit cannot follow (a dim computed
+                # at run time): every group reaching it is refused, never guessed
+                self.lay.pop(node, None)
+                self.fail_inputs(node, f"cannot follow ({type(e).__name__}: {e})"[:200])
+            if node.op == "output":
                 self.fail_inputs(node, "reaches the model output")
             if node in self.lay:
                 self.lay[node] = {d: s for d, s in self.lay[node].items() if s}
@@ -901,7 +908,10 @@ def _exported(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> fx.GraphMod
                 model(*inputs)
         except Exception as e:
             raise _bad_inputs(model, inputs, e) from e
-        gm = capture(model, inputs, method="export").module()
+        from slimkit.core.rebuild import no_caches
+
+        with no_caches(model):
+            gm = capture(model, inputs, method="export").module()
     finally:
         model.train(was_training)
     with torch.no_grad():
