@@ -148,7 +148,8 @@ MODELS: dict[str, Builder] = {
     "mobilenetv2": lambda: (_hf("MobileNetV2ForImageClassification", "MobileNetV2Config",
                                 image_size=32, depth_multiplier=0.35), _image()),
     "efficientnet": lambda: (_hf("EfficientNetForImageClassification", "EfficientNetConfig",
-                                 image_size=32, width_coefficient=1.0, depth_coefficient=0.1),
+                                 image_size=32, width_coefficient=0.25, depth_coefficient=0.25,
+                                 hidden_dim=320),
                              _image()),
     "regnet": lambda: (_hf("RegNetForImageClassification", "RegNetConfig", embedding_size=16,
                            hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], groups_width=8),
@@ -277,7 +278,9 @@ def bench_model(name: str, quick: bool, tmp: Path) -> list[dict[str, Any]]:
                 sqnr_db=round(sqnr(ref, _outputs(sessions["slimkit"], test)), 2),
                 capture=meta["capture"].get("path", "fx"), quantized_layers=meta[
                     "quantized_layers"], integer_kernels=kernels.integer,
-                size_mb=round(sk_q.stat().st_size / 1e6, 3), notes=rep.notes)  # fmt: skip
+                size_mb=round(sk_q.stat().st_size / 1e6, 3), notes=rep.notes,
+                kept=meta.get("speed", {}).get("decision", "int8"),
+                speed_check=meta.get("speed", {}))  # fmt: skip
     except Exception as e:  # noqa: BLE001
         s = row("slimkit", "int8 ptq", _status(e), named_error=_named(e))
     by_key = {"fp32": fp, "ort": locals().get("o"), "slimkit": s}
@@ -289,7 +292,7 @@ def bench_model(name: str, quick: bool, tmp: Path) -> list[dict[str, Any]]:
         except Exception as e:  # noqa: BLE001 - a model that ORT cannot run at batch 1
             runners.pop(k, None)
             if by_key.get(k) is not None:
-                by_key[k]["status"] = f"runs in ORT only at the export batch: {_status(e)}"
+                by_key[k]["status"] = f"ORT fails to run it: {_status(e)}"
     if runners:
         stats = measure_latency(runners, runs=20 if quick else 50, warmup=5, rounds=3)
         for key, r in by_key.items():
@@ -302,7 +305,8 @@ def bench_model(name: str, quick: bool, tmp: Path) -> list[dict[str, Any]]:
         before = sum(p.numel() for p in model.parameters())
         p = sk.prune(copy.deepcopy(model), sk.prune.Channel(ratio=0.3), example_inputs=x[:1])
         after = sum(t.numel() for t in p.parameters())
-        status = "ok" if after < before else "nothing removed"
+        why = (sk.prune.pruning_record(p) or {}).get("nothing_removed", "")
+        status = "ok" if after < before else f"nothing removed: {why[:200]}"
         try:
             sk.export_onnx(p, tmp / f"{name}_pruned.onnx", example_kwargs=test[0])
         except Exception as e:  # noqa: BLE001
@@ -337,6 +341,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "ptq_sqnr_ge_ort": f"{len(better)} of {len(both)}",
         "median_latency_vs_ort_int8": round(float(np.median(ratios)), 3) if ratios else None,
         "ptq_slower_than_fp32": slower,
+        "int8_kept": [m for m in ptq_ok if by[(m, "int8 ptq")].get("kept", "").startswith("int8")],
         "prune_ok": sum(ok(m, "prune channel 0.3") for m in models),
     }
 

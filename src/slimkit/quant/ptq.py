@@ -175,7 +175,7 @@ def quantize_ptq(
     example_kwargs: dict[str, Any] | None = None,
     scope: Scope | None = None,
     progress: bool = False,
-) -> fx.GraphModule:
+) -> nn.Module:
     """Quantize ``model`` (not modified, nor its mode) with ``config``; ``data`` is the
     calibration data (batches of tensors, tuples, or dicts of keyword inputs such as
     ``input_ids`` / ``attention_mask``). ``example_inputs`` / ``example_kwargs`` default to the
@@ -223,10 +223,11 @@ def quantize_ptq(
         floated = choice.layers
         notes["float_prefix"] = choice.summary()
     weighted_all = [n for n, m in gm.named_modules() if isinstance(m, sim.WEIGHTED)]
-    if weighted_all and set(weighted_all) <= set(floated):  # every layer float: the float model
-        gm.meta["slimkit"] = _meta(cfg, gm, 0, 0, weighted_all, floated, {}, notes, t0)
-        return gm
-    float_ref = copy.deepcopy(gm) if cfg.speed_check else None
+    if weighted_all and set(weighted_all) <= set(floated):  # every layer float: the model itself
+        same = copy.deepcopy(model).eval()
+        same.meta = {"slimkit": _meta(cfg, gm, 0, 0, weighted_all, floated, {}, notes, t0)}  # type: ignore[assignment]
+        return same
+    source = copy.deepcopy(model).eval() if cfg.speed_check else None  # what int8 must beat
     plan = sim.place(gm, scope, keep_float=floated)
     if floated and cfg.rotate_boundary:
         from slimkit.quant.prefix import rotate_boundary
@@ -260,9 +261,9 @@ def quantize_ptq(
     out.eval()
     out.meta["slimkit"] = _meta(cfg, gm, bits, len(quants), plan.skipped, floated, const, notes,
                                 t0, quantized=len(plan.weighted))  # fmt: skip
-    if float_ref is None or not plan.weighted:
+    if source is None or not plan.weighted:
         return out
-    return _never_slower(model, cfg, out, float_ref, list(plan.weighted.values()), floated,
+    return _never_slower(model, cfg, out, source, list(plan.weighted.values()), floated,
                          data=batches, args=args, kwargs=kwargs, scope=scope)  # fmt: skip
 
 
@@ -287,23 +288,23 @@ def _meta(cfg: PTQ, gm: fx.GraphModule, bits: int, n_quants: int, float_layers: 
 
 
 def _never_slower(
-    model: nn.Module, cfg: PTQ, out: fx.GraphModule, float_ref: fx.GraphModule,
+    model: nn.Module, cfg: PTQ, out: fx.GraphModule, source: nn.Module,
     layers: list[str], floated: list[str], *, data: list[Batch], args: tuple[Any, ...],
     kwargs: dict[str, Any], scope: Scope | None,
-) -> fx.GraphModule:  # fmt: skip
-    """``out``, or ``out`` with its slow layers float, or the float model: whichever is not slower
-    than the float model on ORT (quant.speed)."""
+) -> nn.Module:  # fmt: skip
+    """``out``, or ``out`` with its slow layers float, or a copy of the source model: whichever is
+    not slower than the source model (exported as is) on ORT (quant.speed)."""
     from slimkit.quant import speed
 
     t0 = time.perf_counter()
     try:
         with speed.workdir() as d:
             tmp = Path(d)
-            result, inputs, paths = speed.check(float_ref, out, args, kwargs, tmp)
-            chosen = out
+            result, inputs, paths = speed.check(source, out, args, kwargs, tmp)
+            chosen: nn.Module = out
             if result.int8_ms > speed.TOLERANCE * result.fp32_ms:
                 slow = speed.slow_layers(paths["fp32"], paths["int8"], inputs, layers)
-                chosen = float_ref
+                chosen = source
                 result.decision = "float"
                 if slow and len(slow) < len(layers):
                     again = cfg.replace(speed_check=False, float_prefix=sorted({*floated, *slow}))
@@ -318,14 +319,14 @@ def _never_slower(
         out.meta["slimkit"]["speed"] = {"decision": "int8", "not_timed": f"{type(e).__name__}: "
                                         f"{first}"}  # fmt: skip
         return out
-    if chosen is float_ref:
-        layer_names = [n for n, m in float_ref.named_modules() if isinstance(m, sim.WEIGHTED)]
-        float_ref.meta["slimkit"] = {
+    if chosen is source:  # an nn.Module of the user's class: the slimkit record goes on .meta
+        layer_names = sorted({*layers, *floated})  # pinned, a rerun returns the model again
+        source.meta = {"slimkit": {  # type: ignore[assignment]
             **out.meta["slimkit"], "quantized_layers": 0, "activation_quantizers": 0,
             "float_layers": layer_names, "float_prefix_layers": layer_names,
-            "kept_float": "int8 ran slower than float on ONNX Runtime on this CPU",
-        }  # fmt: skip
-    meta = chosen.meta["slimkit"]
+            "kept_float": "int8 ran slower than the float model on ONNX Runtime on this CPU",
+        }}  # fmt: skip
+    meta: dict[str, Any] = getattr(chosen, "meta")["slimkit"]  # noqa: B009 - set above
     meta["speed"] = {**result.to_dict(), "summary": result.summary(),
                      "seconds": round(time.perf_counter() - t0, 3)}  # fmt: skip
     meta["seconds"] = round(meta["seconds"] + meta["speed"]["seconds"], 3)
