@@ -312,6 +312,7 @@ def prune_channels(
         "config": cfg.to_dict(),
         "slices": {k: {str(d): v for d, v in dims.items()} for k, dims in slices.items()},
         "skipped": plan.skipped,
+        "capture": plan.graph.capture,  # how the dependency graph was traced
     }
     if previous and previous.get("dropped"):
         record["dropped"] = previous["dropped"]  # blocks dropped earlier (prune/blocks.py)

@@ -127,6 +127,7 @@ class DepGraph:
     """All channel groups of a model; ``unprunable()`` lists the refused ones with reasons."""
 
     groups: list[Group]
+    capture: str = "fx"  # how the model was captured: "fx" or "torch.export"
 
     def prunable(self) -> list[Group]:
         return [g for g in self.groups if g.prunable]
@@ -869,14 +870,14 @@ def build_depgraph(
     inputs = tuple(example_inputs)
     attn = attention_modules(model)
     if method == "export":
-        return _Builder(_exported(model, inputs), {}, model).run()
+        return _exported_graph(model, inputs)
     try:
         gm = capture(model, method="fx", leaf_names=list(attn))
     except GraphCaptureError as e:
         if method == "fx":
             raise
         try:
-            return _Builder(_exported(model, inputs), {}, model).run()
+            return _exported_graph(model, inputs)
         except GraphCaptureError as e2:
             raise GraphCaptureError(
                 f"{e.problem}; torch.export also failed: {e2.problem}", fix=e2.fix, module=e.module
@@ -887,6 +888,12 @@ def build_depgraph(
     except Exception as e:  # the user's inputs do not fit the model
         raise _bad_inputs(model, inputs, e) from e
     return _Builder(gm, attn, model).run()
+
+
+def _exported_graph(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> DepGraph:
+    graph = _Builder(_exported(model, inputs), {}, model).run()
+    graph.capture = "torch.export"
+    return graph
 
 
 def _bad_inputs(model: nn.Module, inputs: tuple[torch.Tensor, ...], e: Exception) -> DataError:

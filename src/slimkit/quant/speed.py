@@ -73,14 +73,25 @@ def _feeds(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> l
     return list(flat_io(model, args, kwargs)[1])
 
 
-def time_onnx(paths: dict[str, Path], inputs: list[Any], *, runs: int = 20,
+def time_onnx(paths: dict[str, Path], inputs: list[Any], *, budget_s: float = 0.03,
               rounds: int = 3) -> dict[str, float]:  # fmt: skip
-    """Lower-quartile ms per ONNX file, interleaved rounds (``quant.prefix``'s timing)."""
+    """Lower-quartile ms per ONNX file, interleaved rounds (``quant.prefix``'s timing). Each
+    runner gets about ``budget_s`` per round (20 to 300 runs): a model of 0.1 ms needs hundreds
+    of runs before scheduling noise stops deciding, one of 10 ms a few dozen."""
+    import time
+
     from slimkit.analyze.latency import ort_runner
     from slimkit.export.ort import ort_session
     from slimkit.quant.prefix import round_quartiles_ms
 
     runners = {k: ort_runner(ort_session(p, spinning=False), inputs) for k, p in paths.items()}
+    slowest = 0.0
+    for run in runners.values():
+        run()  # weight packing, arena growth
+        t0 = time.perf_counter()
+        run()
+        slowest = max(slowest, time.perf_counter() - t0)
+    runs = int(min(300, max(20, budget_s / max(slowest, 1e-6))))
     return dict(zip(runners, round_quartiles_ms(runners, runs=runs, rounds=rounds), strict=True))
 
 
