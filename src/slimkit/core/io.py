@@ -190,3 +190,65 @@ def load_into(
             "slimkit.load(artifact_dir, model=original), which replays its structural changes)",
         )
     model.load_state_dict(dict(state), strict=strict)
+
+
+@contextlib.contextmanager
+def _tensors_only() -> Iterator[None]:
+    """While a ``.pt2`` archive loads: every ``torch.load`` inside torch's loader is
+    ``weights_only=True`` (torch falls back to ``weights_only=False`` for sample inputs and
+    pickled constants), and plain-pickle / TorchScript-object payloads are refused. The patch is
+    process-wide for the duration of the load."""
+    import pickle
+    import types
+
+    import torch.export.pt2_archive._package as package
+
+    real_load, real_obj, real_pickle = torch.load, torch._C._pickle_load_obj, package.pickle
+
+    def load(f: Any, *args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        return real_load(f, *args, **kwargs)
+
+    def refuse(*_a: Any, **_k: Any) -> Any:
+        raise pickle.UnpicklingError("GLOBAL: a pickled Python object, not a tensor")
+
+    torch.load = load  # type: ignore[assignment]
+    torch._C._pickle_load_obj = refuse
+    package.pickle = types.SimpleNamespace(loads=refuse)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.load = real_load
+        torch._C._pickle_load_obj = real_obj
+        package.pickle = real_pickle  # type: ignore[assignment]
+
+
+def load_program(path: PathLike) -> Any:
+    """A ``torch.export`` program saved with ``torch.export.save``, loaded without running any
+    pickled code: weights, constants and sample inputs must be plain tensors (what
+    ``torch.export.save`` writes for ordinary models); anything else is refused by name."""
+    import pickle
+    import zipfile
+
+    p = _require_file(path, "torch.export program")
+    if not zipfile.is_zipfile(p):
+        raise CheckpointError(
+            f"{str(p)!r} is not a torch.export archive (not a zip file)",
+            fix="save the program with torch.export.save(torch.export.export(model, args), path)",
+        )
+    try:
+        with _tensors_only():
+            return torch.export.load(str(p))
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{str(p)!r} holds pickled Python objects besides tensors, and slimkit does not "
+            f"execute pickled code ({str(e).splitlines()[0][:160]})",
+            fix="if you trust the file, load it yourself and save the program again from plain "
+            "tensor inputs, or pass the model as package.module:factory with safetensors weights",
+        ) from None
+    except Exception as e:  # torch raises many types for a damaged archive
+        raise CheckpointError(
+            f"{str(p)!r} is not a readable torch.export program ({type(e).__name__}: "
+            f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''})",
+            fix="re-create it with torch.export.save; the file is damaged or from another tool",
+        ) from None

@@ -282,3 +282,80 @@ def linearize_conv1d(model: nn.Module) -> list[str]:
         setattr(model.get_submodule(parent) if parent else model, leaf, lin)
         done.append(name)
     return done
+
+
+def _layer_for(node: fx.Node, exported: fx.GraphModule) -> tuple[str, nn.Module] | None:
+    """The ``nn`` layer an ATen call of a loaded program computes, built over the program's own
+    parameters (same tensor objects), and the name it gets: its weight's owner path."""
+    t: Any = node.target
+    a: list[Any] = list(node.args)  # ATen arguments of a known schema
+    wi = {aten.linear.default: 1, aten.embedding.default: 0, aten.layer_norm.default: 2,
+          aten.batch_norm.default: 1, **dict.fromkeys(_CONVS, 1)}.get(t)  # fmt: skip
+    target = _attr(a[wi]) if wi is not None and len(a) > wi else None
+    if target is None or not target.endswith(".weight"):
+        return None
+    w = _get(exported, target)
+    owner = target[: -len(".weight")]
+
+    def p(i: int) -> Any:
+        name = _attr(a[i]) if len(a) > i else None
+        return _get(exported, name) if name else None
+
+    m: nn.Module
+    if t == aten.linear.default and w.dim() == 2:
+        m = nn.Linear(w.shape[1], w.shape[0], bias=p(2) is not None)
+    elif t in _CONVS:
+        args = list(a) + [None] * (7 - len(a))
+        nd = w.dim() - 2
+        pad = args[4] if args[4] is not None else 0
+        conv: Any = _CONVS[t]  # Conv1d / 2d / 3d: tuples of nd ints
+        m = conv(w.shape[1] * (args[6] or 1), w.shape[0], tuple(w.shape[2:]),
+                 stride=_tup(args[3] or 1, nd), padding=pad if isinstance(pad, str)
+                 else _tup(pad, nd), dilation=_tup(args[5] or 1, nd), groups=args[6] or 1,
+                 bias=p(2) is not None)  # fmt: skip
+    elif t == aten.embedding.default:
+        pad = a[2] if len(a) > 2 and a[2] != -1 else None
+        m = nn.Embedding(w.shape[0], w.shape[1], padding_idx=pad)
+    elif t == aten.layer_norm.default:
+        m = nn.LayerNorm(list(a[1]), eps=a[4] if len(a) > 4 else 1e-5,  # type: ignore[arg-type]
+                         bias=p(3) is not None)  # fmt: skip
+    elif t == aten.batch_norm.default and len(a) > 7 and a[5] is False and p(3) is not None:
+        val = getattr(a[0], "meta", {}).get("val")
+        rank = val.dim() if val is not None else 4
+        cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[rank]
+        m = cls(w.shape[0], eps=a[7], momentum=a[6])  # type: ignore[arg-type]
+        m.running_mean, m.running_var = p(3), p(4)
+        m.eval()
+    else:
+        return None
+    m.weight = w if isinstance(w, nn.Parameter) else nn.Parameter(w, requires_grad=False)
+    bi = {aten.embedding.default: None, aten.layer_norm.default: 3}.get(t, 2)  # type: ignore[call-overload]
+    b = p(bi) if bi is not None else None
+    if b is not None:
+        m.bias = b if isinstance(b, nn.Parameter) else nn.Parameter(b, requires_grad=False)
+    return owner, m
+
+
+def program_module(program: Any) -> fx.GraphModule:
+    """A loaded ``torch.export`` program (``ExportedProgram``) as a module-level graph: its ATen
+    linear / conv / embedding / layer-norm / batch-norm calls become ``nn`` layers over the
+    program's parameters (named after them), so every technique sees ordinary layers. Calls
+    like the program (same inputs and output structure); supports ``.eval()``."""
+    exported = program.module()
+    root = nn.Module()
+    for node in exported.graph.nodes:
+        if node.op != "call_function":
+            continue
+        made = _layer_for(node, exported)
+        if made is None:
+            continue
+        name, layer = made
+        parent, _, leaf = name.rpartition(".")
+        holder = root
+        for part in parent.split(".") if parent else []:
+            if not hasattr(holder, part):
+                holder.add_module(part, nn.Module())
+            holder = getattr(holder, part)
+        if not hasattr(holder, leaf):
+            holder.add_module(leaf, layer)
+    return rebuild(exported, root)

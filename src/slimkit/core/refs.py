@@ -109,10 +109,14 @@ def resolve_model_file(
     if ref.endswith(".pt2"):
         if not Path(ref).is_file():
             raise fail("model", ref, "the file does not exist", MODEL_FORMS)
-        ep = torch.export.load(ref)
+        from slimkit.core.io import load_program
+        from slimkit.core.rebuild import program_module
+
+        ep = load_program(ref)  # refuses pickled objects: nothing in the file runs
         ex = getattr(ep, "example_inputs", None)
         ex_args = tuple(ex[0]) if ex else shape_inputs
-        return ResolvedModel(ep.module(), Path(ref).stem, ref, ex_args)
+        # ATen calls rebuilt into nn layers, so that every technique sees Conv / Linear / BN
+        return ResolvedModel(program_module(ep).eval(), Path(ref).stem, ref, ex_args)
     if ":" in ref and not Path(ref).exists():
         factory = import_attr(ref, "model", MODEL_FORMS)
         model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
