@@ -128,3 +128,42 @@ def test_hugging_face_fp32_export_names_inputs_and_outputs(tmp_path) -> None:
     assert rep.input_names == ["input_ids", "attention_mask"]
     assert rep.output_names == ["logits"]
     assert rep.max_abs_err is not None and rep.max_abs_err < 1e-4
+
+
+class Gate(nn.Module):
+    """Data-dependent control flow: neither torch.fx nor torch.export can capture it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.mean() > -100.0:  # decided by the values: a trace would bake one branch
+            return torch.relu(self.fc(x))
+        return x
+
+
+class Gated(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(8, 16)
+        self.gate = Gate()
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.inp(x)) + self.gate(x.new_ones(1) * self.inp(x)))
+
+
+def test_layers_inside_an_uncapturable_submodule_are_quantized_one_by_one(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = Gated().eval()
+    data = [torch.randn(4, 8) for _ in range(8)]
+    q = quantize_ptq(model, CFG, data=data)
+    meta = q.meta["slimkit"]
+    assert meta["capture"]["path"] == "fx+leaves" and list(meta["capture"]["leaves"]) == ["gate"]
+    assert meta["leaf_layers"] == "gate.fc" and meta["quantized_layers"] == 3
+    x = torch.randn(16, 8)
+    # measured 31.0 dB; the gate's layer in int8 too, its branch left as the model has it
+    assert sqnr([model(x)], [q(x)]) >= 28.0
+    _, kernels = export_quantized(q, tmp_path / "g.onnx", example_inputs=(x[:2],))
+    assert kernels.integer >= 3  # gate.fc runs as an integer matmul like the others

@@ -234,6 +234,9 @@ def quantize_ptq(
 
         notes["rotated"] = ", ".join(rotate_boundary(gm, floated)) or "none"
     quants = sim.insert_quantizers(gm, plan)
+    # submodules kept whole because nothing could capture them: their layers, one by one
+    leaves = sim.wrap_leaves(gm, gm.meta.get("capture", {}).get("leaves", {}), scope, floated)
+    quants.update({w.act.name: w.act for w in leaves.values()})
     needs_hist = cfg.calibration != "minmax"
     stats = passes(gm, lambda bs: sim.observe(gm, quants, bs, histogram=needs_hist))
     const = sim.constants(stats)
@@ -248,6 +251,9 @@ def quantize_ptq(
     bits = resolve_weight_bits(cfg.weight_bits)
     out = sim.convert(gm, plan, quants, stats, method=cfg.calibration,
                       percentile=cfg.percentile, weight_bits=layer_bits(bits))  # fmt: skip
+    leaf_layers = dict(zip(leaves, sim.convert_leaves(leaves, layer_bits(bits)), strict=True))
+    if leaf_layers:
+        notes["leaf_layers"] = ", ".join(leaf_layers)  # quantized inside submodules kept whole
     if cfg.adaround:  # learns the rounding, then corrects the biases on the learned weights
         from slimkit.quant.adaround import adaround
 
@@ -255,15 +261,17 @@ def quantize_ptq(
         notes["adaround"] = ada.summary()
     elif cfg.bias_correction:
         layers = {t: out.get_submodule(t) for t in plan.weighted.values()}
+        layers.update(leaf_layers)
         passes(out, lambda bs: bias_correction.correct(out, layers, bs))  # type: ignore[arg-type]
     if cfg.embeddings:
         notes["int8_embeddings"] = ", ".join(quantize_embeddings(out, scope)) or "none"
     out.eval()
+    quantized = [*dict.fromkeys(plan.weighted.values()), *leaf_layers]  # a layer called twice: once
     out.meta["slimkit"] = _meta(cfg, gm, bits, len(quants), plan.skipped, floated, const, notes,
-                                t0, quantized=len(plan.weighted))  # fmt: skip
-    if source is None or not plan.weighted:
+                                t0, quantized=len(quantized))  # fmt: skip
+    if source is None or not quantized:
         return out
-    return _never_slower(model, cfg, out, source, list(plan.weighted.values()), floated,
+    return _never_slower(model, cfg, out, source, quantized, floated,
                          data=batches, args=args, kwargs=kwargs, scope=scope)  # fmt: skip
 
 

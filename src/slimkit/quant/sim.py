@@ -294,3 +294,49 @@ def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
     parent_name, _, leaf = target.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, leaf, module)
+
+
+class LeafInput(nn.Module):
+    """A layer inside a submodule no capture could trace (kept whole, a leaf of the graph),
+    quantized on its own: an activation quantizer on its input, then the layer (later the
+    integer-weight ``QuantLayer``). Per-module quantization, no graph needed."""
+
+    def __init__(self, name: str, layer: nn.Module) -> None:
+        super().__init__()
+        self.act = ActQuant(name)
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(self.act(x))
+
+
+def wrap_leaves(gm: fx.GraphModule, leaves: Collection[str], scope: Scope | None,
+                keep_float: Collection[str] = ()) -> dict[str, LeafInput]:  # fmt: skip
+    """Wrap every Conv/Linear inside the ``leaves`` (module names, in ``scope``, not kept float)
+    in a ``LeafInput``; returns them by the layer's name."""
+    out: dict[str, LeafInput] = {}
+    in_scope = None if scope is None else {n for n, _ in scope.select(gm, WEIGHTED)}
+    for leaf in leaves:
+        for sub, m in list(gm.get_submodule(leaf).named_modules()):
+            name = f"{leaf}.{sub}" if sub else leaf
+            if not isinstance(m, WEIGHTED) or name in keep_float:
+                continue
+            if in_scope is not None and name not in in_scope:
+                continue
+            wrapped = LeafInput(f"leaf:{name}", m)
+            _set_submodule(gm, name, wrapped)
+            out[name] = wrapped
+    return out
+
+
+def convert_leaves(
+    wrapped: dict[str, LeafInput], weight_bits: Callable[[nn.Module, ActQuant | None], int]
+) -> list[QuantLayer]:
+    """After the ranges are set: each wrapped layer becomes integer-weight; returns them."""
+    layers: list[QuantLayer] = []
+    for w in wrapped.values():
+        q = QuantLayer(w.layer, weight_bits(w.layer, w.act))
+        q.set_input_scale(float(w.act.scale), int(w.act.zero_point))
+        w.layer = q
+        layers.append(q)
+    return layers
