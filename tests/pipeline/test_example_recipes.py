@@ -26,15 +26,19 @@ def test_every_example_recipe_is_valid() -> None:
 @pytest.mark.slow
 def test_digits_int8(tmp_path: Path) -> None:
     res = sk.run(RECIPES / "digits_int8.yaml", out=tmp_path)
-    assert res.kernels.integer > 0 and res.kernels.float_compute == len(
-        res.steps[0].details["float_layers"]
-    )
+    details = res.steps[0].details
+    if details["speed"]["decision"] == "float":  # int8 timed slower than fp32 on this CPU
+        assert res.kernels.integer == 0 and details["quantized_layers"] == 0
+    else:
+        assert res.kernels.integer > 0
+        assert res.kernels.float_compute == len(details["float_layers"])
     deployed = OrtModule(ort_session(tmp_path / "model.onnx"))
     task = load_task("digits")
     # int8 on ORT keeps the float accuracy within half a point (measured 0.994 vs 0.994)
     assert evaluate(deployed, task)["top1"] >= evaluate(res.source.model, task)["top1"] - 0.005
     pinned = Recipe.load(tmp_path / "recipe.yaml").steps[0].config
     assert isinstance(pinned.float_prefix, list)  # type: ignore[attr-defined]
+    assert pinned.speed_check is False  # type: ignore[attr-defined]  # the timed choice, pinned
 
 
 @pytest.mark.slow

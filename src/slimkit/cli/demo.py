@@ -79,6 +79,8 @@ def demo_cmd(
         "onnx_int8": rep_q.to_dict(),
         "int8_kernels": kernels.to_dict(),
         "int8_float_layers": q.meta["slimkit"]["float_layers"],  # timed: faster in float here
+        # int8 against fp32 on ORT here: "float" when int8 was slower (never slower than source)
+        "int8_speed_check": q.meta["slimkit"].get("speed", {}),
         "params": sum(p.numel() for p in net.parameters()),
         "latency_ms": lat,
         "machine": machine_info(),
@@ -94,6 +96,7 @@ def demo_cmd(
         ["ONNX size (kB)", "-", rep.size_bytes / 1e3, rep_q.size_bytes / 1e3],
         ["max abs err vs PyTorch", "-", rep.max_abs_err, "-"],
         ["integer kernels", "-", "-", kernels.integer],
+        ["kept (timed in ORT)", "-", "-", result["int8_speed_check"].get("decision", "int8")],
     ]
     for batch, by_runtime in lat.items():
         ms = [by_runtime[k]["median_ms"] for k in ("pytorch eager", "ort fp32", "ort int8")]

@@ -31,7 +31,8 @@ def quantize_cmd(
     float_prefix: bool = typer.Option(
         True,
         "--float-prefix/--all-int8",
-        help="keep the first layers float where ORT runs them faster (timed here), or not",
+        help="keep the first layers float where ORT runs them faster (timed here), or quantize "
+        "every layer (--all-int8 also turns the speed check off)",
     ),  # fmt: skip
     speed_check: bool = typer.Option(
         True,
@@ -58,7 +59,7 @@ def quantize_cmd(
     configure_threads(2)
     bits: Any = weight_bits if weight_bits == "auto" else int(weight_bits)
     cfg = PTQ(calibration=method, percentile=percentile, weight_bits=bits, num_batches=num_batches,
-              float_prefix=float_prefix, speed_check=speed_check)  # fmt: skip
+              float_prefix=float_prefix, speed_check=speed_check and float_prefix)  # fmt: skip
     shape = parse_shape(input_shape) if input_shape else None
     rm = resolve_model(model, weights=weights, input_shape=shape, progress=not json_out)
     if calib is None and default_data(rm) is None:

@@ -30,7 +30,7 @@ from slimkit.core.verbs import dispatch
 METHODS.annotate(
     "quant.ptq",
     aliases={"int8": {}, "static": {}},
-    example={"float_prefix": False, "num_batches": 2},  # no timing: the contract is not speed
+    example={"float_prefix": False, "num_batches": 2, "speed_check": False},  # no timing here
     export="qdq",
 )
 
