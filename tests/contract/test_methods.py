@@ -104,10 +104,7 @@ def _exports_and_runs_in_ort(
 
 # Handlers that change their input when called directly (the verbs restore it; these are bugs in
 # files this suite does not own, listed so that a fix turns the xfail into a failure to remove).
-HANDLER_BUGS = {
-    "prune.blocks": "prune/blocks.py: drop_blocks calls model.eval() on its input and never "
-    "restores the caller's train mode",
-}
+HANDLER_BUGS: dict[str, str] = {}
 
 
 @pytest.mark.parametrize(

@@ -126,6 +126,19 @@ def analyze(
     inputs = (
         (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     )
+    from slimkit.core.verbs import eval_mode
+
+    with eval_mode(model):  # running the user's model must not update its BatchNorm statistics
+        return _analyze(model, inputs, hw=hw, dtype=dtype, data=data, metric=metric,
+                        sensitivity=sensitivity, changes=changes, scope=scope, measure=measure,
+                        runtime=runtime, out=out, progress=progress, name=name)  # fmt: skip
+
+
+def _analyze(
+    model: nn.Module, inputs: tuple[torch.Tensor, ...], *, hw: Any, dtype: Dtype, data: Any,
+    metric: Callable[[nn.Module], float] | None, sensitivity: bool, changes: Sequence[str],
+    scope: Scope | None, measure: bool, runtime: str, out: Any, progress: bool, name: str | None,
+) -> AnalysisReport:  # fmt: skip
     hardware = _hardware(hw)
     prof = profile_model(model, inputs)
     rf = roofline(prof, hardware, dtype)

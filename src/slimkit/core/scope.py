@@ -66,6 +66,7 @@ class Scope:
         Raises ``ScopeError`` when nothing matches, listing a few names that exist.
         """
         cand = tuple(candidates) if candidates is not None else ()
+        self._check_patterns(model, cand)
         chosen = [
             (n, m)
             for n, m in model.named_modules()
@@ -80,6 +81,26 @@ class Scope:
                 f"include: {', '.join(pool[:8]) or '(none)'}{' ...' if len(pool) > 8 else ''}",
             )
         return chosen
+
+    def _check_patterns(self, model: nn.Module, cand: tuple[type[nn.Module], ...]) -> None:
+        """Every include / exclude pattern must match some module: a typo in an exclude list
+        would otherwise quantize or prune the very layer the user meant to protect."""
+        names = [n for n, m in model.named_modules() if n and (not cand or isinstance(m, cand))]
+        for which in ("include", "exclude"):
+            for p, raw in zip(_compile(getattr(self, which), which), getattr(self, which),
+                              strict=True):  # fmt: skip
+                if not any(p.fullmatch(n) for n in names):
+                    from slimkit.core.registry import did_you_mean
+
+                    hint = did_you_mean(raw, names)
+                    what = f" of type {'/'.join(t.__name__ for t in cand)}" if cand else ""
+                    raise ScopeError(
+                        f"scope {which} pattern {raw!r} matches no module{what} in "
+                        f"{type(model).__name__}",
+                        fix=f"{hint + ' ' if hint else ''}patterns match whole names (regex); "
+                        f"modules{what} here include: {', '.join(names[:8]) or '(none)'}"
+                        f"{' ...' if len(names) > 8 else ''}",
+                    )
 
     def describe(self) -> str:
         parts = []

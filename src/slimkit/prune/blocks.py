@@ -126,7 +126,7 @@ def drop_blocks(
     """A copy of ``model`` with whole blocks replaced by the identity (``model`` is untouched)."""
     cfg = config or Drop()
     inputs = _as_inputs(example_inputs)
-    model.eval()
+    user, model = model, copy.deepcopy(model).eval()  # measure on an eval copy: BN stats stay
     cands = droppable_blocks(model, inputs)
     if cfg.names:
         unknown = [n for n in cfg.names if n not in cands]
@@ -159,7 +159,7 @@ def drop_blocks(
             best = min(scores, key=scores.__getitem__)
             chosen.append(best)
             replace_with_dropped(current, [best])
-    out = replace_with_dropped(copy.deepcopy(model), chosen)
-    record = pruning_record(model) or {"method": "prune.blocks", "slices": {}}
+    out = replace_with_dropped(copy.deepcopy(user), chosen)  # the user's modes, as they were
+    record = pruning_record(user) or {"method": "prune.blocks", "slices": {}}
     set_record(out, {**record, "dropped": [*record.get("dropped", []), *chosen]})
     return out

@@ -162,6 +162,22 @@ def plan_channels(
             raise ConfigError(
                 f"ratios[{pattern!r}] = {r} is not in [0, 1)", fix="use a fraction like 0.5"
             )
+    names = [n for n, _ in model.named_modules() if n]
+    for pattern in cfg.ratios:  # a ratio whose pattern names no layer would be silently unused
+        try:
+            hit = any(re.fullmatch(pattern, n) for n in names)
+        except re.error as e:
+            raise ConfigError(f"ratios pattern {pattern!r} is not a valid regular expression ({e})",
+                              fix=r"escape dots, e.g. 'layer1\.0\.conv1'") from None  # fmt: skip
+        if not hit:
+            from slimkit.core.registry import did_you_mean
+
+            hint = did_you_mean(pattern, names)
+            raise ConfigError(
+                f"ratios pattern {pattern!r} matches no module of {type(model).__name__}",
+                fix=f"{hint + ' ' if hint else ''}patterns match whole module names (regex), e.g. "
+                f"{', '.join(names[:4])}",
+            )
     graph = build_depgraph(model, tuple(example_inputs))
     sc = _merge(scope, cfg)
     _check_explicit(model, graph, sc)

@@ -882,8 +882,10 @@ def build_depgraph(
             raise GraphCaptureError(
                 f"{e.problem}; torch.export also failed: {e2.problem}", fix=e2.fix, module=e.module
             ) from e2
-    try:
-        with torch.no_grad():
+    from slimkit.core.verbs import eval_mode
+
+    try:  # eval mode: running the user's layers must not update their BatchNorm statistics
+        with torch.no_grad(), eval_mode(model):
             ShapeProp(gm).propagate(*inputs)
     except Exception as e:  # the user's inputs do not fit the model
         raise _bad_inputs(model, inputs, e) from e
