@@ -49,6 +49,10 @@ class CheckpointError(SlimkitError, OSError):
     """A weights file is missing, corrupted, or not plain weights (e.g. an arbitrary pickle)."""
 
 
+class OutputError(SlimkitError, OSError):
+    """An output path cannot be written (a directory where a file is meant, no permission)."""
+
+
 class ExportError(SlimkitError, RuntimeError):
     """ONNX export failed, or the exported model does not match PyTorch."""
 

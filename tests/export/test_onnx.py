@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from slimkit.errors import ExportError
+from slimkit.errors import DataError, ExportError
 from slimkit.export.onnx import export_onnx
 from slimkit.export.ort import ort_session, run_session
 
@@ -63,7 +63,7 @@ def test_parity_failure_is_an_error_and_leaves_no_file(tmp_path: Path) -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             raise RuntimeError("boom")
 
-    with pytest.raises(RuntimeError, match="boom"):
+    with pytest.raises(DataError, match="Broken fails on example_inputs.*boom"):
         export_onnx(Broken(), tmp_path / "b.onnx", example_inputs=torch.ones(2, 3))
     assert not (tmp_path / "b.onnx").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left

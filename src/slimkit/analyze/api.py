@@ -139,6 +139,19 @@ def _analyze(
     metric: Callable[[nn.Module], float] | None, sensitivity: bool, changes: Sequence[str],
     scope: Scope | None, measure: bool, runtime: str, out: Any, progress: bool, name: str | None,
 ) -> AnalysisReport:  # fmt: skip
+    try:  # one forward first: a wrong shape or dtype is named here, not deep in the profiler
+        with torch.no_grad():
+            model(*inputs)
+    except Exception as e:
+        from slimkit.errors import DataError
+
+        shapes = [f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" for t in inputs
+                  if isinstance(t, torch.Tensor)]  # fmt: skip
+        raise DataError(
+            f"{type(model).__name__} fails on example_inputs {shapes or '(none)'}: "
+            f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}",
+            fix="pass example_inputs=(x,) with the shape and dtype the model is called with",
+        ) from None
     hardware = _hardware(hw)
     prof = profile_model(model, inputs)
     rf = roofline(prof, hardware, dtype)

@@ -57,6 +57,11 @@ def quantize_cmd(
     from slimkit.quant.ptq import PTQ
 
     configure_threads(2)
+    if weight_bits not in ("auto", "7", "8"):
+        raise ConfigError(
+            f"--weight-bits {weight_bits!r} is not one of auto, 7, 8",
+            fix="use auto (8 with VNNI, else 7), 7 or 8",
+        )
     bits: Any = weight_bits if weight_bits == "auto" else int(weight_bits)
     cfg = PTQ(calibration=method, percentile=percentile, weight_bits=bits, num_batches=num_batches,
               float_prefix=float_prefix, speed_check=speed_check and float_prefix)  # fmt: skip
@@ -125,8 +130,13 @@ def quantize_cmd(
                  f"{kernels.integer} / {kernels.float_compute}"])  # fmt: skip
     console.print(table(f"{rm.name}: int8 PTQ ({method}, {result['weight_bits']}-bit weights)",
                         ["", "float", "int8"], rows))  # fmt: skip
-    if floated:
-        console.print(f"float prefix (faster in float on this CPU, timed): {', '.join(floated)}")
+    speed = meta.get("speed", {})
+    if "kept_float" in meta:  # int8 timed slower than the source: the float model, said so
+        console.print(f"kept float: {meta['kept_float']} ({speed.get('summary', '')})")
+    elif floated:
+        console.print(f"float (faster in float on this CPU, timed): {', '.join(floated)}")
+    if speed.get("summary") and "kept_float" not in meta:
+        console.print(f"speed check: {speed['summary']}")
     if "fallback_summary" in meta:
         console.print(f"float fall-back (val split): {meta['fallback_summary']}")
     console.print(f"[dim]tool time {res.seconds:.1f} s; artifact in {out}/ "

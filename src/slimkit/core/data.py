@@ -154,6 +154,12 @@ def iter_batches(
     n = 0
     for i, item in enumerate(itertools.islice(source, limit)):
         b = _normalise(item, i, n_inputs, what)
+        empty = [t for t in (*b.args, *b.kwargs.values()) if t.dim() > 0 and t.shape[0] == 0]
+        if empty:
+            raise DataError(
+                f"{what}: batch {i} holds 0 samples (shape {tuple(empty[0].shape)})",
+                fix="drop empty batches (e.g. DataLoader(drop_last=True) or filter len(batch))",
+            )
         if check_finite:
             _check_finite(b, what)
         sig = _signature(b)

@@ -28,11 +28,36 @@ def _umask() -> int:
     return mask
 
 
+def check_writable(path: PathLike, what: str = "output file") -> Path:
+    """``path`` as a Path, after checking that a file can be written there (its folder created):
+    called before the compute, so a bad ``--out`` fails in a second, not after minutes."""
+    from slimkit.errors import OutputError
+
+    dest = Path(path)
+    if dest.is_dir():
+        raise OutputError(
+            f"the {what} {str(dest)!r} is an existing directory",
+            fix=f"name a file inside it, e.g. {str(dest / ('model' + (dest.suffix or '.onnx')))!r}",
+        )
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(
+            f"cannot create the folder of the {what} {str(dest)!r} ({e.strerror or e})",
+            fix="choose a path in a folder you can write to",
+        ) from None
+    if not os.access(dest.parent, os.W_OK | os.X_OK):
+        raise OutputError(
+            f"cannot write the {what} {str(dest)!r}: its folder is not writable",
+            fix="choose a path in a folder you can write to, or fix its permissions",
+        )
+    return dest
+
+
 @contextlib.contextmanager
 def atomic_path(path: PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``, renamed to ``path`` only if the block succeeds."""
-    dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest = check_writable(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     os.close(fd)
     tmp_path = Path(tmp)

@@ -46,10 +46,39 @@ if TYPE_CHECKING:
 FILES = ("model.safetensors", "pruning.json", "model.onnx", "recipe.yaml", "metrics.json")
 
 
+def check_out_dir(out: PathLike) -> Path:
+    """``out`` as an artifact folder that can be written: not an existing file, creatable,
+    writable. Checked before the compute."""
+    import os
+
+    from slimkit.errors import OutputError
+
+    d = Path(out)
+    if d.exists() and not d.is_dir():
+        raise OutputError(
+            f"--out {str(d)!r} is an existing file, and an artifact is a folder",
+            fix=f"name a folder (it is created), e.g. '{d.with_suffix('')}_artifact'",
+        )
+    existing = d
+    while not existing.exists():  # nothing is created here: a failed run leaves no folder
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(
+            f"cannot create the artifact folder {str(d)!r}: {str(existing)!r} is a file",
+            fix="choose a folder path that does not go through a file",
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(
+            f"the artifact folder {str(d)!r} cannot be written ({str(existing)!r} is read-only)",
+            fix="choose a folder you can write to, or fix its permissions",
+        )
+    return d
+
+
 def write_artifact(result: RunResult, out: PathLike) -> Path:
     """Write ``result`` into ``out``: weights, ONNX (per the recipe's export settings), the pinned
     recipe and ``metrics.json`` (the run's record; commands add their measurements to it)."""
-    d = Path(out)
+    d = check_out_dir(out)
     d.mkdir(parents=True, exist_ok=True)
     written = save_model(result.model, d, method=result.quant_method)
     if result.recipe.export.onnx:

@@ -172,6 +172,10 @@ def run(
     ``metrics.json``. ``on_step(record, model)`` is called after each step.
     """
     rec = as_recipe(recipe)
+    if out is not None:
+        from slimkit.pipeline.artifact import check_out_dir
+
+        check_out_dir(out)  # a bad --out fails before any compute
     seed_everything(rec.seed)
     say = on_event or (lambda _m: None)
     say("resolving the model")
