@@ -19,8 +19,10 @@ Quantized artifacts deploy as their ``model.onnx`` (run it with ``slimkit.export
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -75,11 +77,73 @@ def check_out_dir(out: PathLike) -> Path:
     return d
 
 
+INCOMPLETE = ".slimkit-incomplete"  # present while an artifact is being written (or was cut)
+LOCK = ".slimkit.lock"  # held by the one run writing the folder
+
+
+@contextlib.contextmanager
+def artifact_lock(d: Path) -> Iterator[None]:
+    """One writer per artifact folder: a second run into the same ``--out`` is refused while the
+    first one writes; a lock left by a killed run (its process is gone) is taken over."""
+    import os
+
+    from slimkit.errors import OutputError
+
+    lock = d / LOCK
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid != os.getpid() and _alive(pid):
+                raise OutputError(
+                    f"another slimkit run (process {pid}) is writing the artifact {str(d)!r}",
+                    fix="wait for it to finish, or write this one to another --out",
+                ) from None
+            lock.unlink(missing_ok=True)  # stale: its writer was killed
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        break
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def write_artifact(result: RunResult, out: PathLike) -> Path:
     """Write ``result`` into ``out``: weights, ONNX (per the recipe's export settings), the pinned
-    recipe and ``metrics.json`` (the run's record; commands add their measurements to it)."""
+    recipe and ``metrics.json`` (the run's record; commands add their measurements to it).
+
+    All or nothing: each file is written atomically, and the folder carries a
+    ``.slimkit-incomplete`` marker from the first file to the last, so a run killed half-way
+    leaves a folder that ``sk.load`` refuses by name (and a rerun replaces); one run at a time
+    writes a folder (``artifact_lock``)."""
     d = check_out_dir(out)
     d.mkdir(parents=True, exist_ok=True)
+    with artifact_lock(d):
+        atomic_write_text(d / INCOMPLETE, "a slimkit run is writing this artifact\n")
+        _write_files(result, d)
+        (d / INCOMPLETE).unlink()
+    return d
+
+
+def _write_files(result: RunResult, d: Path) -> None:
     written = save_model(result.model, d, method=result.quant_method)
     if result.recipe.export.onnx:
         result.onnx, result.kernels = export_model(
@@ -95,7 +159,13 @@ def write_artifact(result: RunResult, out: PathLike) -> Path:
     write_json(d / "metrics.json", result.to_dict())
     for name in set(FILES) - {*written, "recipe.yaml", "metrics.json"}:
         (d / name).unlink(missing_ok=True)
-    return d
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    from slimkit.core.io import atomic_write
+
+    with atomic_write(path) as f:
+        f.write(text)
 
 
 def save_model(model: nn.Module, directory: Path, *, method: str | None = None) -> list[str]:
@@ -164,6 +234,11 @@ def load(directory: PathLike, *, model: nn.Module) -> nn.Module:
             f"{str(d)!r} is neither an artifact directory nor a .safetensors file",
             fix="pass the --out directory of a slimkit command (or save_pruned's directory)",
         )
+    if (d / INCOMPLETE).exists():
+        raise CheckpointError(
+            f"{str(d)!r} is an incomplete artifact: the run writing it was interrupted",
+            fix="run the command (or `slimkit run` its recipe) again with this --out",
+        )
     if (d / "pruning.json").is_file():
         from slimkit.prune.artifact import load_pruned
 
@@ -177,7 +252,8 @@ def load(directory: PathLike, *, model: nn.Module) -> nn.Module:
     if str(meta.get("method", "")).startswith("quant"):
         raise CheckpointError(
             f"{str(d)!r} is a quantized artifact: its deployable form is {str(d / 'model.onnx')!r}",
-            fix="run it with slimkit.export.ort.OrtModule(path), or re-quantize the float model",
+            fix="run it with slimkit.export.ort.OrtModule(slimkit.export.ort.ort_session(path)), "
+            "or re-quantize the float model",
         )
     out = copy.deepcopy(model)
     load_into(out, load_weights(weights))

@@ -1,0 +1,65 @@
+"""Artifacts are all or nothing: a run killed (SIGKILL) while writing leaves a folder that
+``sk.load`` refuses by name, a second run into the same folder is refused while the first
+writes, and a rerun after the kill completes the artifact."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import slimkit as sk
+from slimkit.errors import CheckpointError, OutputError
+from slimkit.pipeline.artifact import INCOMPLETE, LOCK
+from slimkit.zoo import create_model
+
+RECIPE = {"model": "zoo:mlp", "steps": [{"prune.channel": {"ratio": 0.5}}]}
+
+# the run, with the ONNX export stalled: the kill lands after the weights are written
+SCRIPT = """
+import sys, time
+import slimkit.pipeline.artifact as a
+def stalled(*args, **kwargs):
+    time.sleep(120)
+a.export_model = stalled
+import slimkit as sk
+sk.run({recipe!r}, out=sys.argv[1])
+"""
+
+
+def _wait_for(path: Path, proc: subprocess.Popen[bytes], seconds: float = 120.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert proc.poll() is None, "the writer exited before writing"
+        assert time.monotonic() < deadline, f"{path.name} never appeared"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_killed_writer_leaves_a_refused_folder_and_a_rerun_completes(tmp_path: Path) -> None:
+    out = tmp_path / "p"
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT.format(recipe=RECIPE), str(out)])
+    try:
+        _wait_for(out / "model.safetensors", proc)  # weights written, export stalled
+        assert (out / INCOMPLETE).exists() and (out / LOCK).exists()
+        with pytest.raises(OutputError, match=f"process {proc.pid}.*writing"):
+            sk.run(RECIPE, out=out)  # one writer at a time
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    with pytest.raises(CheckpointError, match="incomplete artifact.*interrupted"):
+        sk.load(out, model=create_model("mlp"))
+    res = sk.run(RECIPE, out=out)  # takes over the dead writer's lock
+    assert not (out / INCOMPLETE).exists() and not (out / LOCK).exists()
+    assert (out / "model.onnx").exists() and res.onnx is not None
+    loaded = sk.load(out, model=create_model("mlp"))
+    assert sum(p.numel() for p in loaded.parameters()) < sum(
+        p.numel() for p in create_model("mlp").parameters()
+    )
