@@ -176,3 +176,47 @@ def test_cli_bad_input_is_named(case: str, tmp_path: Path) -> None:
     assert res.exit_code == 2, res.output
     assert "error:" in res.output and "fix:" in res.output
     assert "Traceback" not in res.output
+
+
+class _Payload:
+    """Unpickling this creates ``path``: the proof that a loader executed pickled code."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (Path.touch, (self.path,))
+
+
+def test_malicious_and_malformed_files_never_execute(tmp_path: Path) -> None:
+    import json
+
+    import numpy as np
+
+    from slimkit.core.refs import resolve_data_file
+    from slimkit.errors import ReferenceResolutionError
+    from slimkit.prune import save_pruned
+
+    marker = tmp_path / "executed"
+    arr = np.empty(1, dtype=object)
+    arr[0] = _Payload(marker)
+    np.savez(tmp_path / "evil.npz", x=arr)
+    with pytest.raises(ReferenceResolutionError, match="pickled Python objects"):
+        resolve_data_file(str(tmp_path / "evil.npz"), batch_size=2)
+    (tmp_path / "junk.npz").write_bytes(b"junk")
+    with pytest.raises(ReferenceResolutionError, match="not a readable .npz|pickled Python"):
+        resolve_data_file(str(tmp_path / "junk.npz"), batch_size=2)
+    evil_pt = tmp_path / "evil.pt"
+    torch.save({"w": _Payload(marker)}, evil_pt)
+    with pytest.raises(CheckpointError, match="does not execute pickled code"):
+        sk.core.io.load_weights(evil_pt)
+    assert not marker.exists()
+    # a pruning record with malformed fields: named, never an AssertionError
+    net = _net()
+    pruned = sk.prune(net, sk.prune.Channel(ratio=0.5), example_inputs=(X,))
+    save_pruned(pruned, tmp_path / "p")
+    record = json.loads((tmp_path / "p" / "pruning.json").read_text())
+    for bad in ({"slices": "oops"}, {"slices": {"0.weight": {"0": ["a"]}}}, {"dropped": 3}):
+        (tmp_path / "p" / "pruning.json").write_text(json.dumps({**record, **bad}))
+        with pytest.raises(CheckpointError, match="malformed"):
+            sk.load(tmp_path / "p", model=_net())

@@ -15,6 +15,7 @@ a file (``program.pt2``, ``data.npz``) or an importable object (``package.module
 from __future__ import annotations
 
 import importlib
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,12 +141,20 @@ def resolve_data_file(ref: str, *, batch_size: int = 32) -> Any:
 
         if not Path(ref).is_file():
             raise fail("data", ref, "the file does not exist", DATA_FORMS)
-        with np.load(ref, allow_pickle=False) as z:
-            keys = list(z.keys())
-            if not keys:
-                raise fail("data", ref, "the archive holds no arrays", DATA_FORMS)
-            x = torch.from_numpy(z["x"] if "x" in z else z[keys[0]])
-            y = torch.from_numpy(z["y"]) if "y" in z else None
+        try:
+            with np.load(ref, allow_pickle=False) as z:  # never unpickles object arrays
+                keys = list(z.keys())
+                if not keys:
+                    raise fail("data", ref, "the archive holds no arrays", DATA_FORMS)
+                x = torch.from_numpy(z["x"] if "x" in z else z[keys[0]])
+                y = torch.from_numpy(z["y"]) if "y" in z else None
+        except ReferenceResolutionError:
+            raise
+        except ValueError as e:  # object arrays: pickled Python objects, refused
+            raise fail("data", ref, f"it holds pickled Python objects, which slimkit does not "
+                       f"load ({e})", DATA_FORMS) from None  # fmt: skip
+        except (OSError, EOFError, zipfile.BadZipFile) as e:  # damaged or not an archive
+            raise fail("data", ref, f"not a readable .npz archive ({e})", DATA_FORMS) from None
         tensors = (x,) if y is None else (x, y)
         ds = torch.utils.data.TensorDataset(*tensors)
         return torch.utils.data.DataLoader(ds, batch_size=batch_size)

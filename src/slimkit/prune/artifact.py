@@ -72,19 +72,43 @@ def _read_record(directory: Path) -> dict[str, object]:
     return record
 
 
+def _slices(raw: object, d: Path) -> Slices:
+    """The recorded slices, checked field by field: ``{param: {dim: [kept indices]}}``."""
+    bad = CheckpointError(
+        f"the pruning record in {str(d)!r} is malformed: 'slices' must map parameter names to "
+        "{dimension: [kept indices]}",
+        fix="re-create the artifact (slimkit prune ... --out DIR, or save_pruned)",
+    )
+    if not isinstance(raw, dict):
+        raise bad
+    out: Slices = {}
+    for name, dims in raw.items():
+        if not isinstance(name, str) or not isinstance(dims, dict):
+            raise bad
+        try:
+            out[name] = {int(dim): [int(i) for i in keep] for dim, keep in dims.items()}
+        except (TypeError, ValueError):
+            raise bad from None
+        if any(i < 0 for keep in out[name].values() for i in keep):
+            raise bad
+    return out
+
+
 def load_pruned(directory: PathLike, *, model: nn.Module) -> nn.Module:
     """Replay the recorded slicing on a copy of ``model`` (the original, unpruned architecture) and
     load the pruned weights; ``model`` itself is not modified."""
     d = Path(directory)
     record = _read_record(d)
-    raw = record.get("slices", {})
-    assert isinstance(raw, dict)
-    slices: Slices = {k: {int(dim): list(v) for dim, v in dims.items()} for k, dims in raw.items()}
+    slices = _slices(record.get("slices", {}), d)
+    dropped = record.get("dropped", [])
+    if not isinstance(dropped, list) or not all(isinstance(n, str) for n in dropped):
+        raise CheckpointError(
+            f"the pruning record in {str(d)!r} is malformed: 'dropped' is not a list of names",
+            fix="re-create the artifact (slimkit prune ... --out DIR, or save_pruned)",
+        )
     out = copy.deepcopy(model)
     try:
         apply_slices(out, slices)
-        dropped = record.get("dropped", [])
-        assert isinstance(dropped, list)
         if dropped:
             from slimkit.prune.blocks import replace_with_dropped
 
