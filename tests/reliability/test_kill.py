@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import slimkit as sk
 from slimkit.errors import CheckpointError, OutputError
@@ -63,3 +64,37 @@ def test_killed_writer_leaves_a_refused_folder_and_a_rerun_completes(tmp_path: P
     assert sum(p.numel() for p in loaded.parameters()) < sum(
         p.numel() for p in create_model("mlp").parameters()
     )
+
+
+FINETUNE = {"model": "zoo:digits_cnn", "seed": 0,
+            "steps": [{"prune.channel": {"ratio": 0.3}}, {"finetune": {"epochs": 3}}]}  # fmt: skip
+RUN = "import sys, slimkit as sk; sk.run({recipe!r}, out=sys.argv[1])"
+
+
+@pytest.mark.slow
+def test_killed_fine_tuning_resumes_and_ends_where_an_uninterrupted_run_ends(
+    tmp_path: Path,
+) -> None:
+    from safetensors.torch import load_file
+
+    whole = sk.run(FINETUNE, out=tmp_path / "whole")
+    assert "resumed_from_epoch" not in whole.steps[1].details
+    out = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "-c", RUN.format(recipe=FINETUNE), str(out)])
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob(".finetune-*.ckpt")):  # the first epoch's checkpoint
+            assert proc.poll() is None, "the run ended before its first checkpoint"
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (out / "model.safetensors").exists()  # nothing but the checkpoint was written
+    res = sk.run(FINETUNE, out=out)
+    assert res.steps[1].details["resumed_from_epoch"] >= 1  # went on, and said so
+    assert not list(out.glob(".finetune-*.ckpt"))  # cleaned up once done
+    a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit-identical

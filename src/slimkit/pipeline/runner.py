@@ -181,6 +181,7 @@ def run(
     say("resolving the model")
     source = _source(rec, model, example_inputs, data, progress)
     ctx = _Context(rec, source, data, metric, progress)
+    ctx.out = Path(out) if out is not None else None
     current, records, notes = source.model, [], []
     for i, step in enumerate(rec.steps):
         say(f"step {i + 1}/{len(rec.steps)}: {step.name}")
@@ -236,6 +237,8 @@ class _Context:
         self._data = data
         self.explicit_data = data is not None or rec.data is not None
         self.data_ref: str | None = None  # the reference the data came from, as recorded
+        self.out: Path | None = None  # the artifact folder: fine-tuning checkpoints go there
+        self.done: list[Step] = []  # the steps applied so far (what a checkpoint depends on)
 
     def data(self, need: str | None = None) -> Any:
         """The data: given, named by the recipe, or (``need`` set) the zoo model's own."""
@@ -322,6 +325,13 @@ def _accepted(fn: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _apply(step: Step, model: nn.Module, ctx: _Context) -> tuple[nn.Module, StepRecord]:
+    try:
+        return _apply_step(step, model, ctx)
+    finally:
+        ctx.done.append(step)
+
+
+def _apply_step(step: Step, model: nn.Module, ctx: _Context) -> tuple[nn.Module, StepRecord]:
     if step.name == "finetune":
         return _finetune(step, model, ctx)
     if step.max_drop is not None:
@@ -404,16 +414,44 @@ def _finetune(step: Step, model: nn.Module, ctx: _Context) -> tuple[nn.Module, S
     task = ctx.task("the finetune step")
     if model is ctx.source.model:  # the source stays as it was (it is the teacher)
         model = copy.deepcopy(model)
+    ckpt = _checkpoint_path(step, ctx)
     res = recover(model, task.loader("train", cfg.batch_size, shuffle=True),
                   teacher=ctx.source.model if cfg.distill else None, epochs=cfg.epochs,
                   lr=cfg.lr, temperature=cfg.temperature, alpha=cfg.alpha,
-                  progress=ctx.progress)  # fmt: skip
+                  progress=ctx.progress, checkpoint=ckpt)  # fmt: skip
     model.eval()
-    details = {"task": task.name}
+    details: dict[str, Any] = {"task": task.name}
+    resumed = getattr(res, "resumed_from", None)
+    if resumed is not None:  # a killed run's checkpoint: it goes on, and says so
+        details["resumed_from_epoch"] = resumed
+        if ctx.progress:
+            import sys
+
+            print(f"finetune: resumed from the checkpoint after epoch {resumed}", file=sys.stderr)
+    if ckpt is not None:
+        ckpt.unlink(missing_ok=True)  # done: a rerun starts over
     best = getattr(res, "best_value", None)
     if isinstance(best, float):
         details["best_value"] = best
     return model, StepRecord(step, "pipeline", 0.0, details)
+
+
+def _checkpoint_path(step: Step, ctx: _Context) -> Path | None:
+    """Where a fine-tuning step keeps its per-epoch checkpoint: in the artifact folder, named by
+    a hash of everything the training depends on (model, data, seed, the steps before it and
+    its own config), so a checkpoint is only ever resumed by the same run."""
+    if ctx.out is None:
+        return None
+    import hashlib
+    import json
+
+    key = json.dumps({
+        "model": str(ctx.rec.model), "data": str(ctx.rec.data), "seed": ctx.rec.seed,
+        "steps": [[s.name, s.config.to_dict()] for s in [*ctx.done, step]],
+    }, sort_keys=True, default=str)  # fmt: skip
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    return ctx.out / f".finetune-{digest}.ckpt"
 
 
 def _fallback(step: Step, model: nn.Module, ctx: _Context) -> tuple[nn.Module, StepRecord]:
