@@ -62,9 +62,11 @@ def config_error(
     fields = list(cls.model_fields)
     problems: list[str] = []
     fixes: list[str] = []
+    unknown = False
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(config)"
         if e["type"] == "extra_forbidden":
+            unknown = True
             key = str(e["loc"][0])
             problems.append(f"unknown key {key!r}")
             hint = did_you_mean(key, fields)
@@ -73,5 +75,21 @@ def config_error(
         else:
             got = e.get("input", data.get(loc, None)) if isinstance(data, Mapping) else None
             problems.append(f"{loc}: {e['msg']} (got {got!r})")
-    fixes.append(f"valid keys: {', '.join(fields) or '(none)'}")
+            # a bad value: the fix is the value the field takes, not the list of keys
+            default = cls.model_fields[str(e["loc"][0])].default if e["loc"] and str(
+                e["loc"][0]) in cls.model_fields else None  # fmt: skip
+            fixes.append(f"{loc}: {_wanted(e['msg'])}"
+                         + (f" (default {default!r})" if default is not None else ""))  # fmt: skip
+    if unknown:
+        fixes.append(f"valid keys: {', '.join(fields) or '(none)'}")
     return ConfigError(f"{cls.__name__}: " + "; ".join(problems), fix="; ".join(fixes))
+
+
+def _wanted(msg: str) -> str:
+    """pydantic's "Input should be greater than 90" as the fix "use a value greater than 90"."""
+    rest = msg.removeprefix("Input should be ").strip()
+    if rest == msg.strip():
+        return msg
+    if rest.startswith(("greater", "less", "at least", "at most", "a multiple")):
+        return f"use a value {rest}"
+    return f"use {rest}"

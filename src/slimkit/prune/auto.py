@@ -401,7 +401,9 @@ def _prune_to_target(
             raise ConfigError(
                 f"no pruning within min_keep={target.min_keep} reached a {target.speedup}x "
                 f"speed-up on this machine (best tried: {max(x['speedup'] for x in tried):.2f}x)",
-                fix="lower the target, lower min_keep, or combine pruning with int8 quantization",
+                fix="lower the target (--target-speedup, Target(speedup=...)), let groups shrink "
+                "further (Python: Target(min_keep=0.05); in a recipe: prune.auto: {min_keep: "
+                "0.05}), or combine pruning with int8 quantization",
             )
         widths = best[1]
         key = "measured_speedup" if target.hw is None else f"predicted_speedup_on_{target.hw}"
