@@ -305,6 +305,9 @@ def bench_model(name: str, quick: bool, tmp: Path) -> list[dict[str, Any]]:
             if r is not None and key in stats:
                 r["latency_ms"] = round(stats[key].median_ms, 4)
                 r["latency_spread_ms"] = [round(t, 4) for t in stats[key].spread_ms]
+        if "fp32" in stats:  # the result format's baseline row: ORT running the fp32 export
+            row("onnxruntime", "fp32", "ok", latency_ms=fp["latency_ms"],
+                latency_spread_ms=fp["latency_spread_ms"])  # fmt: skip
     # one-shot channel pruning at 30 %, then export
     x = tuple(test[0].values())
     try:

@@ -74,7 +74,7 @@ def _feeds(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> l
 
 
 def time_onnx(paths: dict[str, Path], inputs: list[Any], *, budget_s: float = 0.03,
-              rounds: int = 3) -> dict[str, float]:  # fmt: skip
+              rounds: int = 5) -> dict[str, float]:  # fmt: skip
     """Lower-quartile ms per ONNX file, interleaved rounds (``quant.prefix``'s timing). Each
     runner gets about ``budget_s`` per round (20 to 300 runs): a model of 0.1 ms needs hundreds
     of runs before scheduling noise stops deciding, one of 10 ms a few dozen."""
@@ -92,7 +92,8 @@ def time_onnx(paths: dict[str, Path], inputs: list[Any], *, budget_s: float = 0.
         run()
         slowest = max(slowest, time.perf_counter() - t0)
     runs = int(min(300, max(20, budget_s / max(slowest, 1e-6))))
-    return dict(zip(runners, round_quartiles_ms(runners, runs=runs, rounds=rounds), strict=True))
+    times = round_quartiles_ms(runners, runs=runs, rounds=rounds, filter_first=False)
+    return dict(zip(runners, times, strict=True))
 
 
 def slow_layers(
