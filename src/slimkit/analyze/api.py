@@ -143,15 +143,10 @@ def _analyze(
         with torch.no_grad():
             model(*inputs)
     except Exception as e:
-        from slimkit.errors import DataError
+        from slimkit.core.data import Batch, model_failed
 
-        shapes = [f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" for t in inputs
-                  if isinstance(t, torch.Tensor)]  # fmt: skip
-        raise DataError(
-            f"{type(model).__name__} fails on example_inputs {shapes or '(none)'}: "
-            f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}",
-            fix="pass example_inputs=(x,) with the shape and dtype the model is called with",
-        ) from None
+        tensors = tuple(t for t in inputs if isinstance(t, torch.Tensor))
+        raise model_failed(model, "example_inputs", Batch(0, tensors), e) from None
     hardware = _hardware(hw)
     prof = profile_model(model, inputs)
     rf = roofline(prof, hardware, dtype)

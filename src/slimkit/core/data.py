@@ -230,3 +230,17 @@ def merge_batches(batches: Sequence[Batch], max_samples: int = 16) -> list[Batch
         count += n
     flush()
     return out
+
+
+def model_failed(model: torch.nn.Module, what: str, b: Batch, e: BaseException) -> DataError:
+    """The error for a model that raises on ``b``: names the model, the inputs' shapes and
+    dtypes, and torch's own first line (a wrong channel count, rank or dtype shows there)."""
+    parts = [f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" for t in b.args]
+    parts += [f"{k}: {tuple(t.shape)}" for k, t in b.kwargs.items()]
+    msg = str(e).strip().splitlines()[0][:240] if str(e).strip() else ""
+    return DataError(
+        f"{type(model).__name__} fails on {what} (inputs {', '.join(parts) or 'none'}): "
+        f"{type(e).__name__}: {msg}",
+        fix="pass inputs shaped like the model's forward arguments (first dimension: the "
+        "batch; float32 for float layers); check that model(*inputs) runs",
+    )

@@ -49,7 +49,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from slimkit.core.config import Config
-from slimkit.core.data import Batch, collect_batches
+from slimkit.core.data import Batch, collect_batches, model_failed
 from slimkit.core.registry import Entry, did_you_mean, load_methods
 from slimkit.errors import ConfigError, DataError, SlimkitError
 
@@ -210,12 +210,6 @@ def _as_inputs(x: Any) -> tuple[torch.Tensor, ...]:
     return inputs
 
 
-def _shapes(b: Batch) -> str:
-    parts = [f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" for t in b.args]
-    parts += [f"{k}: {tuple(t.shape)}" for k, t in b.kwargs.items()]
-    return ", ".join(parts)
-
-
 def _check_data(data: Any, what: str, n_inputs: int, limit: int) -> tuple[Any, Batch]:
     """Check ``data`` (at most ``limit`` batches); returns data to hand on and its first batch.
     A one-pass iterator is checked on its first batch only and handed on whole."""
@@ -236,13 +230,7 @@ def _runs_on(model: nn.Module, b: Batch, what: str) -> None:
     except SlimkitError:
         raise
     except Exception as e:
-        msg = str(e).strip().splitlines()[0][:240] if str(e).strip() else ""
-        raise DataError(
-            f"{type(model).__name__} fails on {what} (inputs {_shapes(b)}): "
-            f"{type(e).__name__}: {msg}",
-            fix="pass inputs shaped like the model's forward arguments (first dimension: the "
-            "batch); check that model(*inputs) runs",
-        ) from None
+        raise model_failed(model, what, b, e) from None
 
 
 def _check_inputs(

@@ -201,16 +201,9 @@ def export_onnx(
         try:
             module, inputs, auto_in, auto_out = flat_io(model, args, kwargs)
         except Exception as e:  # the model does not run on these inputs
-            from slimkit.errors import DataError
+            from slimkit.core.data import Batch, model_failed
 
-            shapes = [f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
-                      for t in (*args, *kwargs.values())]  # fmt: skip
-            raise DataError(
-                f"{type(model).__name__} fails on example_inputs {shapes}: {type(e).__name__}: "
-                f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}",
-                fix="pass example inputs of the shape and dtype the model is called with (float32 "
-                "for float layers; the batch dimension first)",
-            ) from None
+            raise model_failed(model, "example_inputs", Batch(0, args, kwargs), e) from None
         with torch.no_grad():
             ref = _flatten(module(*inputs))
         in_names = list(input_names or auto_in or _default_names("input", len(inputs)))
