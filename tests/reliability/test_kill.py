@@ -41,6 +41,30 @@ def _wait_for(path: Path, proc: subprocess.Popen[bytes], seconds: float = 120.0)
         time.sleep(0.05)
 
 
+QUANT = {"model": "zoo:mlp", "data": "zoo:mlp:inputs", "steps": [
+    {"quant.ptq": {"speed_check": False, "float_prefix": False, "num_batches": 2}}]}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_killed_quantization_leaves_a_refused_folder_and_a_rerun_completes(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "q"
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT.format(recipe=QUANT), str(out)])
+    try:
+        _wait_for(out / "model.safetensors", proc)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    with pytest.raises(CheckpointError, match="incomplete artifact"):
+        sk.load(out, model=create_model("mlp"))
+    res = sk.run(QUANT, out=out)
+    assert not (out / INCOMPLETE).exists() and res.kernels is not None
+    assert res.kernels.integer > 0 and (out / "model.onnx").exists()
+
+
 @pytest.mark.slow
 def test_killed_writer_leaves_a_refused_folder_and_a_rerun_completes(tmp_path: Path) -> None:
     out = tmp_path / "p"
