@@ -305,9 +305,11 @@ def bench_model(name: str, quick: bool, tmp: Path) -> list[dict[str, Any]]:
             if r is not None and key in stats:
                 r["latency_ms"] = round(stats[key].median_ms, 4)
                 r["latency_spread_ms"] = [round(t, 4) for t in stats[key].spread_ms]
+                r["latency_q25_ms"] = round(stats[key].quartile_ms, 4)
         if "fp32" in stats:  # the result format's baseline row: ORT running the fp32 export
             row("onnxruntime", "fp32", "ok", latency_ms=fp["latency_ms"],
-                latency_spread_ms=fp["latency_spread_ms"])  # fmt: skip
+                latency_spread_ms=fp["latency_spread_ms"],
+                latency_q25_ms=fp["latency_q25_ms"])  # fmt: skip
     # one-shot channel pruning at 30 %, then export
     x = tuple(test[0].values())
     try:
@@ -341,9 +343,14 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
               >= by[(m, "int8 quantize_static")]["sqnr_db"]]  # fmt: skip
     ratios = [by[(m, "int8 ptq")]["latency_ms"] / by[(m, "int8 quantize_static")]["latency_ms"]
               for m in both]  # fmt: skip
+    # "slower than fp32" on the lower quartiles (a noisy spell on this shared machine only ever
+    # slows runs: round medians of one 0.1 ms model spread 1.5-2x in some runs); medians also kept
     slower = [m for m in ptq_ok if not by[(m, "int8 ptq")].get("same_as_fp32")
-              and by[(m, "int8 ptq")].get("latency_ms", 0)
-              > 1.03 * by[(m, "export fp32")].get("latency_ms", float("inf"))]  # fmt: skip
+              and by[(m, "int8 ptq")].get("latency_q25_ms", 0)
+              > 1.03 * by[(m, "export fp32")].get("latency_q25_ms", float("inf"))]  # fmt: skip
+    slower_median = [m for m in ptq_ok if not by[(m, "int8 ptq")].get("same_as_fp32")
+                     and by[(m, "int8 ptq")].get("latency_ms", 0)
+                     > 1.03 * by[(m, "export fp32")].get("latency_ms", float("inf"))]  # fmt: skip
     return {
         "models": len(models),
         "export_ok": sum(ok(m, "export fp32") for m in models),
@@ -351,6 +358,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "ptq_sqnr_ge_ort": f"{len(better)} of {len(both)}",
         "median_latency_vs_ort_int8": round(float(np.median(ratios)), 3) if ratios else None,
         "ptq_slower_than_fp32": slower,
+        "ptq_slower_than_fp32_by_median": slower_median,
         "int8_kept": [m for m in ptq_ok if by[(m, "int8 ptq")].get("kept", "").startswith("int8")],
         "prune_ok": sum(ok(m, "prune channel 0.3") for m in models),
     }

@@ -105,7 +105,7 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     speed = res["int8_speed_check"]
     assert speed["fp32_ms"] > 0 and speed["int8_ms"] > 0
     if speed["decision"] == "float":  # int8 timed slower than fp32 on this CPU: the float model
-        assert speed["int8_ms"] > speed["fp32_ms"] and res["int8_kernels"]["integer"] == 0
+        assert speed["int8_ms"] > 0.98 * speed["fp32_ms"] and res["int8_kernels"]["integer"] == 0
     else:
         floated = len(res["int8_float_layers"])
         assert res["int8_kernels"]["integer"] > 0

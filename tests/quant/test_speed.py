@@ -34,7 +34,7 @@ def test_decision_agrees_with_the_recorded_times() -> None:
     assert s["fp32_ms"] > 0 and s["int8_ms"] > 0 and "fp32" in s["summary"]
     x = torch.randn(3, 32)
     if s["decision"] == "float":  # tiny layers: ORT's int8 usually loses here
-        assert s["int8_ms"] > s["fp32_ms"] and meta["quantized_layers"] == 0
+        assert s["int8_ms"] > speed.TOLERANCE * s["fp32_ms"] and meta["quantized_layers"] == 0
         assert not any(isinstance(m, QuantLayer) for m in q.modules())
         torch.testing.assert_close(q(x), model(x), rtol=0, atol=1e-5)  # the float model
         assert "kept_float" in meta

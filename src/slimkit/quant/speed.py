@@ -7,7 +7,7 @@ arithmetic saves, and a quantized model can run slower than its float source. So
 (``speed_check=True``, the default) exports both, times them in ORT at batch 1 with this
 machine's threads (interleaved rounds, lower quartiles, as ``quant.prefix`` does), and:
 
-1. keeps the int8 model when it is no slower than the float one;
+1. keeps the int8 model when it is measurably faster than the float one (``TOLERANCE``);
 2. otherwise profiles both (``export.ort_profile``), keeps float every layer whose integer
    kernels took longer than its float kernels, quantizes again and times again;
 3. and if the model is still slower, returns the float model (BN folded, no quantizer), saying so.
@@ -26,8 +26,11 @@ from typing import Any
 import torch
 from torch import nn
 
-# int8 is kept when its time is at most this times the float time (ties go to int8: smaller file)
-TOLERANCE = 1.0
+# int8 is kept when its time is at most this times the float time: measurably faster. Timing
+# noise of sub-millisecond models on 2 cores is +-3-4 %, so a tie kept as int8 could deploy slower
+# (an LSTM timed 0.999x here ran 1.04x in the benchmark); for a smaller file whatever the speed,
+# pass speed_check=False
+TOLERANCE = 0.98
 
 
 @dataclass
@@ -60,10 +63,15 @@ def first_sample(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[A
 
 
 def _export(model: nn.Module, dest: Path, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Path:
+    """Exported as it is deployed (dynamic batch: its shape ops stay in the graph, which costs
+    a small model measurably), or with a fixed batch where the dynamic export fails."""
     from slimkit.export.onnx import export_onnx
 
-    export_onnx(model.eval(), dest, example_inputs=args, example_kwargs=kwargs, check=False,
-                dynamic_batch=False)  # fmt: skip
+    try:
+        export_onnx(model.eval(), dest, example_inputs=args, example_kwargs=kwargs, check=False)
+    except Exception:  # noqa: BLE001 - fall back to the form every graph exports in
+        export_onnx(model.eval(), dest, example_inputs=args, example_kwargs=kwargs, check=False,
+                    dynamic_batch=False)  # fmt: skip
     return dest
 
 
