@@ -4,11 +4,13 @@ writes, and a rerun after the kill completes the artifact."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -41,6 +43,19 @@ def _wait_for(path: Path, proc: subprocess.Popen[bytes], seconds: float = 120.0)
         time.sleep(0.05)
 
 
+@contextlib.contextmanager
+def _writer(script: str, out: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A run in another process; SIGKILLed when the block ends (it never finishes by itself)."""
+    proc = subprocess.Popen([sys.executable, "-c", script, str(out)])
+    try:
+        yield proc
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 QUANT = {"model": "zoo:mlp", "data": "zoo:mlp:inputs", "steps": [
     {"quant.ptq": {"speed_check": False, "float_prefix": False, "num_batches": 2}}]}  # fmt: skip
 
@@ -50,14 +65,8 @@ def test_killed_quantization_leaves_a_refused_folder_and_a_rerun_completes(
     tmp_path: Path,
 ) -> None:
     out = tmp_path / "q"
-    proc = subprocess.Popen([sys.executable, "-c", SCRIPT.format(recipe=QUANT), str(out)])
-    try:
+    with _writer(SCRIPT.format(recipe=QUANT), out) as proc:
         _wait_for(out / "model.safetensors", proc)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     with pytest.raises(CheckpointError, match="incomplete artifact"):
         sk.load(out, model=create_model("mlp"))
     res = sk.run(QUANT, out=out)
@@ -68,17 +77,11 @@ def test_killed_quantization_leaves_a_refused_folder_and_a_rerun_completes(
 @pytest.mark.slow
 def test_killed_writer_leaves_a_refused_folder_and_a_rerun_completes(tmp_path: Path) -> None:
     out = tmp_path / "p"
-    proc = subprocess.Popen([sys.executable, "-c", SCRIPT.format(recipe=RECIPE), str(out)])
-    try:
+    with _writer(SCRIPT.format(recipe=RECIPE), out) as proc:
         _wait_for(out / "model.safetensors", proc)  # weights written, export stalled
         assert (out / INCOMPLETE).exists() and (out / LOCK).exists()
         with pytest.raises(OutputError, match=f"process {proc.pid}.*writing"):
             sk.run(RECIPE, out=out)  # one writer at a time
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     with pytest.raises(CheckpointError, match="incomplete artifact.*interrupted"):
         sk.load(out, model=create_model("mlp"))
     res = sk.run(RECIPE, out=out)  # takes over the dead writer's lock
@@ -104,18 +107,12 @@ def test_killed_fine_tuning_resumes_and_ends_where_an_uninterrupted_run_ends(
     whole = sk.run(FINETUNE, out=tmp_path / "whole")
     assert "resumed_from_epoch" not in whole.steps[1].details
     out = tmp_path / "cut"
-    proc = subprocess.Popen([sys.executable, "-c", RUN.format(recipe=FINETUNE), str(out)])
-    try:
+    with _writer(RUN.format(recipe=FINETUNE), out) as proc:
         deadline = time.monotonic() + 120
         while not list(out.glob(".finetune-*.ckpt")):  # the first epoch's checkpoint
             assert proc.poll() is None, "the run ended before its first checkpoint"
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert not (out / "model.safetensors").exists()  # nothing but the checkpoint was written
     res = sk.run(FINETUNE, out=out)
     assert res.steps[1].details["resumed_from_epoch"] >= 1  # went on, and said so
