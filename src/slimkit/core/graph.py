@@ -127,13 +127,7 @@ def capture(
     keep those submodules whole (fx only), which is how a user steps around an untraceable block.
     """
     if method == "fx":
-        tracer = _NamingTracer(leaves, leaf_names)
-        try:
-            graph = tracer.trace(model)
-        except Exception as e:  # torch raises many types here; all mean "could not trace"
-            raise _fail(model, tracer.failed_in or "", e, "torch.fx") from e
-        name = type(model).__name__
-        return fx.GraphModule(tracer.root, graph, name)
+        return _fx(model, {}, leaf_names, leaves)
     if method == "export":
         if example_inputs is None:
             raise GraphCaptureError(
@@ -158,14 +152,10 @@ MAX_LEAF_TRIES = 8
 def _fixable_defaults(model: nn.Module, given: Sequence[str], n_args: int) -> dict[str, Any]:
     """Parameters of ``model.forward`` not given by the caller whose default is a plain value
     (a flag, ``return_dict=None``, a ``None`` mask): fixed to it when tracing."""
-    import inspect
+    from slimkit.core.rebuild import forward_params
 
-    try:
-        params = list(inspect.signature(model.forward).parameters.values())
-    except (TypeError, ValueError):
-        return {}
     out: dict[str, Any] = {}
-    for i, p in enumerate(params):
+    for i, p in enumerate(forward_params(model).values()):
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or i < n_args or p.name in given:
             continue
         if p.default is not p.empty and isinstance(p.default, _PLAIN):

@@ -221,16 +221,22 @@ def _get(root: nn.Module, target: str) -> Any:
     return obj
 
 
+def forward_params(model: nn.Module) -> dict[str, Any]:
+    """The parameters of ``model.forward`` by name (``inspect.Parameter``); empty when Python
+    cannot read its signature (a C extension, a wrapped callable)."""
+    import inspect
+
+    try:
+        return dict(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return {}
+
+
 def fixed_kwargs(model: nn.Module, given: set[str]) -> dict[str, Any]:
     """Keyword arguments to fix when exporting ``model``: caches off where the forward takes
     ``use_cache`` (or ``**kwargs`` with a config that has it) and the caller did not set it:
     Hugging Face language models otherwise return a ``DynamicCache`` among their outputs."""
-    import inspect
-
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return {}
+    params = forward_params(model)
     takes_kwargs = any(p.kind == p.VAR_KEYWORD for p in params.values())
     cfg = getattr(model, "config", None)
     if "use_cache" in given:

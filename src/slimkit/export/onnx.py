@@ -69,15 +69,6 @@ def _output_names(out: Any) -> list[str] | None:
     return None
 
 
-def _takes(model: nn.Module, name: str) -> bool:
-    import inspect
-
-    try:
-        return name in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 class FlatIO(nn.Module):
     """``model`` called from positional tensors (the keyword inputs after the positional ones,
     by name, plus fixed options such as ``use_cache=False``), returning a flat tuple of tensors:
@@ -105,7 +96,7 @@ def flat_io(
     """``(module, inputs, input names, output names)`` to export: ``model`` itself when it takes
     positional tensors and returns tensors, else a ``FlatIO`` around it (names from the keyword
     inputs and the output's keys)."""
-    from slimkit.core.rebuild import fixed_kwargs
+    from slimkit.core.rebuild import fixed_kwargs, forward_params
 
     kw = dict(kwargs or {})
     fixed = fixed_kwargs(model, set(kw))
@@ -113,7 +104,7 @@ def flat_io(
     if (
         isinstance(ids, torch.Tensor)
         and "attention_mask" not in kw
-        and _takes(model, "attention_mask")
+        and "attention_mask" in forward_params(model)
     ):
         # deployed language models take a mask; without one, Hugging Face models run a
         # packed-sequence check (torch.diff) that has no ONNX export

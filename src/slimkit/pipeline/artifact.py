@@ -32,6 +32,7 @@ from torch.nn.utils import parametrize
 from slimkit.core.io import (
     PathLike,
     atomic_path,
+    atomic_write,
     load_into,
     load_weights,
     read_metadata,
@@ -137,7 +138,8 @@ def write_artifact(result: RunResult, out: PathLike) -> Path:
     d = check_out_dir(out)
     d.mkdir(parents=True, exist_ok=True)
     with artifact_lock(d):
-        atomic_write_text(d / INCOMPLETE, "a slimkit run is writing this artifact\n")
+        with atomic_write(d / INCOMPLETE) as f:
+            f.write("a slimkit run is writing this artifact\n")
         _write_files(result, d)
         (d / INCOMPLETE).unlink()
     return d
@@ -159,13 +161,6 @@ def _write_files(result: RunResult, d: Path) -> None:
     write_json(d / "metrics.json", result.to_dict())
     for name in set(FILES) - {*written, "recipe.yaml", "metrics.json"}:
         (d / name).unlink(missing_ok=True)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    from slimkit.core.io import atomic_write
-
-    with atomic_write(path) as f:
-        f.write(text)
 
 
 def save_model(model: nn.Module, directory: Path, *, method: str | None = None) -> list[str]:

@@ -23,7 +23,8 @@ it exactly, or ``False`` for all-int8.
 
 Never slower than the source (``speed_check=True``, quant.speed): the int8 model is timed against
 the float model in ORT on this machine; layers whose integer kernels are slower stay float, and a
-model that is still slower comes back float (BN folded), with the times in ``meta["speed"]``.
+model that is still slower comes back as a copy of the source, with the times in
+``meta["speed"]``.
 Models torch.fx cannot trace (Hugging Face models, flags in ``forward``) are captured through
 ``torch.export`` (``core.graph.capture_model``; ``meta["capture"]``), and take keyword inputs.
 

@@ -10,7 +10,7 @@ machine's threads (interleaved rounds, lower quartiles, as ``quant.prefix`` does
 1. keeps the int8 model when it is measurably faster than the float one (``TOLERANCE``);
 2. otherwise profiles both (``export.ort_profile``), keeps float every layer whose integer
    kernels took longer than its float kernels, quantizes again and times again;
-3. and if the model is still slower, returns the float model (BN folded, no quantizer), saying so.
+3. and if the model is still slower, returns a copy of the source model, saying so.
 
 The decision and every time behind it are recorded in ``meta["slimkit"]["speed"]``.
 """
