@@ -28,6 +28,9 @@ _LAZY = {
     "prune": "slimkit.prune",  # callable package: sk.prune(model, sk.prune.Channel(...))
     "report": "slimkit.core.verbs:report",  # what any verb did: sk.report(result)
     "quant": "slimkit.quant",
+    "decompose": "slimkit.lowrank:decompose",  # sk.decompose(model, "svd", ...)
+    "lowrank": "slimkit.lowrank",
+    "distill": "slimkit.distill",  # callable package: sk.distill(student, teacher, config, ...)
     "measure_latency": "slimkit.analyze.latency:measure_latency",
     "load": "slimkit.core.artifacts:load",
     "run": "slimkit.pipeline.runner:run",  # sk.run("recipe.yaml", model=..., data=..., out=...)

@@ -4,6 +4,7 @@ method declares what it needs in its registry metadata (see ``core.registry.Meth
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -34,6 +35,15 @@ def verb(method: str) -> Callable[..., Any]:
     name = TECHNIQUES[method.partition(".")[0]].verb
     fn: Callable[..., Any] = getattr(sk, name)
     return fn
+
+
+def call(verb_name: str, model: nn.Module, config: Any, **kwargs: Any) -> Any:
+    """``sk.<verb_name>(model, config, ...)``; distillation's verb takes the teacher second (a
+    copy of ``model`` here)."""
+    fn = getattr(sk, verb_name)
+    if verb_name == "distill":
+        return fn(model, copy.deepcopy(model), config, **kwargs)
+    return fn(model, config, **kwargs)
 
 
 def example_config(method: str) -> Config:

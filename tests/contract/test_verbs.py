@@ -59,11 +59,11 @@ def test_a_method_of_another_technique_names_the_verb_to_call(method: str) -> No
     cfg = c.example_config(method)
     for other in {t.verb for t in TECHNIQUES.values()} - {right}:
         with pytest.raises(ConfigError, match=rf"Fix: call sk\.{right}\("):
-            getattr(sk, other)(model, method)
+            c.call(other, model, method)
         with pytest.raises(
             ConfigError, match=rf"{type(cfg).__name__}\(\.\.\.\) is a .*sk\.{right}"
         ):
-            getattr(sk, other)(model, cfg)
+            c.call(other, model, cfg)
 
 
 def test_unknown_names_get_the_closest_ones() -> None:

@@ -150,11 +150,18 @@ class MethodRegistry(Registry[Callable[..., Any]]):
         self.entry(name).meta.update(meta)
 
 
-# The compression methods (quant.*, prune.*, graph_opt.*). Each technique folder registers into
-# it at import; ``load_methods()`` imports them all so that listing sees every method.
+# The compression methods (quant.*, prune.*, graph_opt.*, lowrank.*, distill.*). Each technique
+# folder registers into it at import; ``load_methods()`` imports them all so that listing sees
+# every method.
 METHODS = MethodRegistry("method")
 
-TECHNIQUES = ("slimkit.quant", "slimkit.prune", "slimkit.graph_opt")
+TECHNIQUES = (
+    "slimkit.quant",
+    "slimkit.prune",
+    "slimkit.graph_opt",
+    "slimkit.lowrank",
+    "slimkit.distill",
+)
 
 
 def load_methods() -> MethodRegistry:

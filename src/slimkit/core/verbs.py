@@ -65,6 +65,8 @@ TECHNIQUES: dict[str, Technique] = {
     "quant": Technique("quantize", "quantization", "quant.ptq", keeps_mode=False),
     "prune": Technique("prune", "pruning", "prune.channel", keeps_mode=True),
     "graph_opt": Technique("optimize", "graph optimisation", "graph_opt.optimize", False),
+    "lowrank": Technique("decompose", "low-rank decomposition", "lowrank.svd", keeps_mode=True),
+    "distill": Technique("distill", "distillation", "distill.response", keeps_mode=True),
 }
 
 _NEEDS_FIX = {

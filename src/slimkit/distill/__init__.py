@@ -1,0 +1,42 @@
+"""Knowledge distillation: losses that fit the model's output (response, feature, relation) and
+student builders. The package is also the verb, for every registered ``distill.*`` method::
+
+    s = sk.distill(student, teacher, "response", data=train, epochs=3)
+    s = sk.distill(student, teacher, sk.distill.Response(temperature=4), data=train)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from slimkit.core.config import Config
+from slimkit.core.verbs import dispatch, make_callable
+from slimkit.errors import ConfigError
+
+__all__ = ["distill"]
+
+
+def distill(
+    student: nn.Module,
+    teacher: nn.Module,
+    config: str | Config = "response",
+    *,
+    data: Any = None,
+    **options: Any,
+) -> nn.Module:
+    """A copy of ``student`` trained to match ``teacher`` on ``data`` (neither is modified).
+
+    ``config`` is a registered ``distill.*`` name or config object; ``options`` go to the method
+    (``epochs``, ``lr``, ``checkpoint``, ``val_fn``, ...). ``sk.report(result)`` says what loss was
+    used and how training went."""
+    if not isinstance(teacher, nn.Module):
+        raise ConfigError(
+            f"sk.distill needs the teacher model second, got {type(teacher).__name__}",
+            fix="call sk.distill(student, teacher, method, data=...)",
+        )
+    return dispatch("distill", student, config, data=data, teacher=teacher, **options)
+
+
+make_callable(__name__, "slimkit.distill:distill")
