@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 ROWS: list[dict[str, Any]] = []
+OUTCOMES = ("named", "traceback", "executed", "partial", "ok")
 
 
 @pytest.fixture
@@ -29,6 +30,6 @@ def _write_rows() -> Iterator[None]:
         from slimkit.core.io import write_json
         from slimkit.core.machine import machine_info, versions
 
-        counts = {o: sum(r["outcome"] == o for r in ROWS) for o in ("named", "traceback", "ok")}
+        counts = {o: sum(r["outcome"] == o for r in ROWS) for o in OUTCOMES}
         write_json(dest, {"benchmark": "reliability", "machine": machine_info(),
                           "versions": versions(), "summary": counts, "rows": ROWS})  # fmt: skip
