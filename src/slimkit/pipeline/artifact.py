@@ -11,6 +11,8 @@ original architecture:
 
 - a pruning artifact (``pruning.json`` + ``model.safetensors``) replays the recorded slicing, then
   loads the weights;
+- a low-rank artifact (``lowrank.json`` + ``model.safetensors``) rebuilds the factorised chains,
+  then loads the weights;
 - a directory or file with only ``model.safetensors`` loads the weights into ``model`` as they are.
 
 Quantized artifacts deploy as their ``model.onnx`` (run it with ``slimkit.export.ort.OrtModule``);
@@ -46,7 +48,8 @@ if TYPE_CHECKING:
     from slimkit.pipeline.refs import ResolvedModel
     from slimkit.pipeline.runner import RunResult
 
-FILES = ("model.safetensors", "pruning.json", "model.onnx", "recipe.yaml", "metrics.json")
+FILES = ("model.safetensors", "pruning.json", "lowrank.json", "model.onnx", "recipe.yaml",
+         "metrics.json")  # fmt: skip
 
 
 def check_out_dir(out: PathLike) -> Path:
@@ -171,6 +174,11 @@ def save_model(model: nn.Module, directory: Path, *, method: str | None = None) 
         save_weights(model.state_dict(), directory / "model.safetensors",
                      metadata={"method": method})  # fmt: skip
         return ["model.safetensors"]
+    from slimkit.lowrank.artifact import lowrank_record, save_lowrank
+
+    if lowrank_record(model) is not None:  # factorised: lowrank.json replays the chains
+        save_lowrank(model, directory)
+        return ["model.safetensors", "lowrank.json"]
     from slimkit.prune import pruning_record
 
     masked = any(parametrize.is_parametrized(m, "weight") for m in model.modules())
@@ -234,6 +242,10 @@ def load(directory: PathLike, *, model: nn.Module) -> nn.Module:
             f"{str(d)!r} is an incomplete artifact: the run writing it was interrupted",
             fix="run the command (or `slimkit run` its recipe) again with this --out",
         )
+    if (d / "lowrank.json").is_file():
+        from slimkit.lowrank.artifact import load_lowrank
+
+        return load_lowrank(d, model=model)
     if (d / "pruning.json").is_file():
         from slimkit.prune.artifact import load_pruned
 
