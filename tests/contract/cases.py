@@ -33,17 +33,15 @@ def entry(method: str) -> Entry[Any]:
 def verb(method: str) -> Callable[..., Any]:
     """``sk.quantize`` / ``sk.prune`` / ``sk.optimize``: the verb that runs ``method``."""
     name = TECHNIQUES[method.partition(".")[0]].verb
-    fn: Callable[..., Any] = getattr(sk, name)
-    return fn
+    return lambda model, *args, **kwargs: call(name, model, *args, **kwargs)
 
 
-def call(verb_name: str, model: nn.Module, config: Any, **kwargs: Any) -> Any:
+def call(verb_name: str, model: nn.Module, config: Any = None, **kwargs: Any) -> Any:
     """``sk.<verb_name>(model, config, ...)``; distillation's verb takes the teacher second (a
     copy of ``model`` here)."""
     fn = getattr(sk, verb_name)
-    if verb_name == "distill":
-        return fn(model, copy.deepcopy(model), config, **kwargs)
-    return fn(model, config, **kwargs)
+    head = (model, copy.deepcopy(model)) if verb_name == "distill" else (model,)
+    return fn(*head, **kwargs) if config is None else fn(*head, config, **kwargs)
 
 
 def example_config(method: str) -> Config:

@@ -123,7 +123,7 @@ def test_handler_called_directly_leaves_a_train_mode_input_alone(method: str) ->
     before, modes = c.state(model), c.flags(model)
     handler = c.entry(method).obj
     takes = inspect.signature(handler).parameters
-    given = {"data": data, "example_inputs": x}
+    given = {"data": data, "example_inputs": x, "teacher": c.tiny(zoo, train=True)}
     handler(model, c.example_config(method), **{k: v for k, v in given.items() if k in takes})
     c.assert_identical(before, c.state(model))
     assert c.flags(model) == modes, "the handler changed the input's train/eval flags"

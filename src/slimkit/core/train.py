@@ -199,7 +199,7 @@ def fit(
         return value > result.best_val if maximize else value < result.best_val
 
     try:
-        with torch.random.fork_rng(devices=[]), _progress(progress) as bar:
+        with torch.random.fork_rng(devices=[]), torch.enable_grad(), _progress(progress) as bar:
             task_id = bar.add_task(description, total=total, completed=result.steps, info="")
             for epoch in range(start_epoch, epochs):
                 if result.steps >= total or result.stopped_early:

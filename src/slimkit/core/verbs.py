@@ -456,9 +456,8 @@ def make_report(
             for k in kinds
             if before["layers"][k] != after["layers"][k]
         }
-        if all(b == a for b, a in (changed[k] for k in ("params", "bytes", "zero_weights"))) and (
-            not changed["layers"]
-        ):
+        same = all(b == a for b, a in (changed[k] for k in ("params", "bytes", "zero_weights")))
+        if same and not changed["layers"] and "history" not in record:  # (trained: new weights)
             all_notes.append(
                 "no measurable change: same parameters, bytes, zero weights and layer types"
             )

@@ -13,9 +13,11 @@ from torch import nn
 
 from slimkit.core.config import Config
 from slimkit.core.verbs import dispatch, make_callable
+from slimkit.distill.losses import Decision, detect
+from slimkit.distill.methods import DistillReport, Feature, Relation, Response
 from slimkit.errors import ConfigError
 
-__all__ = ["distill"]
+__all__ = ["Decision", "DistillReport", "Feature", "Relation", "Response", "detect", "distill"]
 
 
 def distill(
