@@ -8,6 +8,7 @@ slimkit demo              train, evaluate, export, check and time a model end to
 slimkit analyze MODEL     roofline, measured layer times, predicted speed-ups, sensitivity
 slimkit hw measure|list   hardware profiles
 slimkit quantize|prune    compress a model; the artifact's recipe.yaml repeats it
+slimkit distill TEACHER   a smaller student trained by distillation
 slimkit run RECIPE        apply a recipe's steps, export, measure, write the artifact
 """
 
@@ -31,6 +32,7 @@ app.command("bench")(bench.bench_cmd)
 app.command("demo")(demo.demo_cmd)
 app.command("quantize")(quantize.quantize_cmd)
 app.command("prune")(prune.prune_cmd)
+app.command("distill")(__import__("slimkit.cli.distill", fromlist=["_"]).distill_cmd)
 app.command("decompose")(__import__("slimkit.cli.decompose", fromlist=["_"]).decompose_cmd)
 app.command("run")(run.run_cmd)
 app.command("analyze")(analyze.analyze_cmd)

@@ -334,6 +334,8 @@ def _apply(step: Step, model: nn.Module, ctx: _Context) -> tuple[nn.Module, Step
 def _apply_step(step: Step, model: nn.Module, ctx: _Context) -> tuple[nn.Module, StepRecord]:
     if step.name == "finetune":
         return _finetune(step, model, ctx)
+    if step.name.startswith("distill."):
+        return _distill(step, model, ctx)
     if step.max_drop is not None:
         return _fallback(step, model, ctx)
     technique = step.name.partition(".")[0]
@@ -434,6 +436,25 @@ def _finetune(step: Step, model: nn.Module, ctx: _Context) -> tuple[nn.Module, S
     if isinstance(best, float):
         details["best_value"] = best
     return model, StepRecord(step, "pipeline", 0.0, details)
+
+
+def _distill(step: Step, model: nn.Module, ctx: _Context) -> tuple[nn.Module, StepRecord]:
+    """A distillation step: the recipe's source model is the teacher, and the data is the
+    recipe's explicit data, else the bundled task's shuffled training split."""
+    import slimkit as sk
+
+    if ctx.explicit_data:
+        data, where = ctx.data(), "the recipe's data"
+    else:
+        task = ctx.task(f"the {step.name} step")
+        data, where = task.loader("train", 64, shuffle=True), f"{task.name} train split"
+    ckpt = _checkpoint_path(step, ctx)
+    out = sk.distill(model, ctx.source.model, step.config, data=data, checkpoint=ckpt,
+                     progress=ctx.progress)  # fmt: skip
+    if ckpt is not None:
+        ckpt.unlink(missing_ok=True)  # done: a rerun starts over
+    details = {**_details(out), "data": where}
+    return out, StepRecord(step, "slimkit.distill", 0.0, details)
 
 
 def _checkpoint_path(step: Step, ctx: _Context) -> Path | None:
