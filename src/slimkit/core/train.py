@@ -12,6 +12,12 @@
   run that was never interrupted. Each epoch reseeds the global RNG and the loader's generator
   from ``seed`` and the epoch number, so the data order does not depend on where a run resumed.
 - The model trains in train mode, ``val_fn`` sees it in eval mode, and it is returned in eval mode.
+- **Data parallel** under ``torchrun`` (``torch.distributed``: gloo on CPU, nccl on GPU): when the
+  process group is initialised, or the launcher's ``WORLD_SIZE`` is above 1 (then ``fit``
+  initialises it), the model is wrapped in ``DistributedDataParallel``, each process takes every
+  ``world``-th batch of the same seeded order, gradients are averaged across processes, the
+  reported loss is the mean over all of them, and only rank 0 writes the checkpoint (every rank
+  resumes from it). One process runs the same code path without the wrapper.
 """
 
 from __future__ import annotations
@@ -135,6 +141,29 @@ def _progress(enabled: bool) -> Any:
     )
 
 
+def distributed() -> tuple[int, int]:
+    """``(rank, world size)`` of the data-parallel run this process belongs to, ``(0, 1)`` when
+    alone; under a launcher (``torchrun`` sets ``WORLD_SIZE``) the process group is initialised
+    here on first use (nccl when CUDA is available, else gloo)."""
+    import os
+
+    dist = torch.distributed
+    if not dist.is_available():
+        return 0, 1
+    if not dist.is_initialized():
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return 0, 1
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _shard(loader: Any, rank: int, world: int, per_rank: int) -> Any:
+    """This rank's batches: every ``world``-th, ``per_rank`` of them (the same count on every
+    rank, so that gradient averaging never waits for a rank that has run out)."""
+    mine = (b for i, b in enumerate(loader) if i % world == rank)
+    return (b for _, b in zip(range(per_rank), mine, strict=False))
+
+
 def fit(
     model: nn.Module,
     train_loader: Any,
@@ -179,11 +208,24 @@ def fit(
         ) from None
     if steps_per_epoch == 0:
         raise DataError("the training data is empty", fix="pass at least one batch")
+    rank, world = distributed()
+    if world > 1:
+        if steps_per_epoch < world:
+            raise DataError(
+                f"the training data has {steps_per_epoch} batches for {world} processes",
+                fix="pass at least one batch per process (smaller batches, or fewer processes)",
+            )
+        steps_per_epoch //= world
     total = epochs * steps_per_epoch
     if max_steps is not None:
         total = min(total, max_steps)
     loss_fn = loss_fn or cross_entropy
     opt = _optimizer(model, optimizer, lr, weight_decay)
+    trained: nn.Module = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        trained = DistributedDataParallel(model)  # averages gradients; broadcasts rank 0's state
     device = next(model.parameters()).device
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(scheduler, total, warmup_steps))
     result = TrainResult()
@@ -211,10 +253,12 @@ def fit(
                     gen.manual_seed(seed_e)
                 model.train()
                 t0, loss_sum, n = time.perf_counter(), 0.0, 0
-                for step, batch in enumerate(train_loader):
+                batches = (_shard(train_loader, rank, world, steps_per_epoch) if world > 1
+                           else train_loader)  # fmt: skip
+                for step, batch in enumerate(batches):
                     if result.steps >= total:
                         break
-                    loss = loss_fn(model, _to(batch, device))
+                    loss = loss_fn(trained, _to(batch, device))
                     value = float(loss.detach())
                     if not math.isfinite(value):
                         raise DataError(
@@ -234,6 +278,10 @@ def fit(
                     bar.update(
                         task_id, advance=1, info=f"epoch {epoch + 1}/{epochs} loss {value:.4f}"
                     )
+                if world > 1:  # the mean over every process's batches
+                    sums = torch.tensor([loss_sum, float(n)], dtype=torch.float64)
+                    torch.distributed.all_reduce(sums)
+                    loss_sum, n = float(sums[0]), int(sums[1])
                 entry = {"epoch": float(epoch + 1), "loss": loss_sum / max(n, 1)}
                 entry["lr"] = float(sched.get_last_lr()[0])
                 entry["seconds"] = time.perf_counter() - t0
@@ -253,8 +301,10 @@ def fit(
                         result.stopped_early = True
                 result.history.append(entry)
                 result.epochs_run = epoch + 1
-                if ckpt_path is not None:
+                if ckpt_path is not None and rank == 0:
                     _save(ckpt_path, model, opt, sched, result, best_state)
+                if world > 1:
+                    torch.distributed.barrier()  # the checkpoint is complete for every rank
     finally:
         model.eval()  # also when training fails
     if restore_best and best_state is not None:
