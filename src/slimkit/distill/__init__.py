@@ -3,6 +3,7 @@ student builders. The package is also the verb, for every registered ``distill.*
 
     s = sk.distill(student, teacher, "response", data=train, epochs=3)
     s = sk.distill(student, teacher, sk.distill.Response(temperature=4), data=train)
+    small = sk.distill.student(teacher, depth=0.5, macs=0.5, example_inputs=(x,))  # a student
 """
 
 from __future__ import annotations
@@ -15,9 +16,19 @@ from slimkit.core.config import Config
 from slimkit.core.verbs import dispatch, make_callable
 from slimkit.distill.losses import Decision, detect
 from slimkit.distill.methods import DistillReport, Feature, Relation, Response
+from slimkit.distill.students import student
 from slimkit.errors import ConfigError
 
-__all__ = ["Decision", "DistillReport", "Feature", "Relation", "Response", "detect", "distill"]
+__all__ = [
+    "Decision",
+    "DistillReport",
+    "Feature",
+    "Relation",
+    "Response",
+    "detect",
+    "distill",
+    "student",
+]
 
 
 def distill(

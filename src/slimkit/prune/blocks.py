@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -40,6 +40,10 @@ class Drop(Config):
 
     blocks: int = Field(1, ge=0)
     names: list[str] = Field(default_factory=list)  # exact module names; overrides `blocks`
+    # greedy: each time the block whose removal changes the output least (calibration data);
+    # even: evenly spaced in each stack, the first and last kept (DistilBERT's every other layer)
+    order: Literal["greedy", "even"] = "greedy"
+    keep: float | None = Field(None, gt=0, le=1)  # keep this fraction of the blocks (not `blocks`)
     calibration_batches: int = Field(2, ge=1)
 
 
@@ -106,6 +110,29 @@ def droppable_blocks(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -
     return [n for n in cands if ok.get(n)]
 
 
+def evenly_spaced(cands: Sequence[str], n: int) -> list[str]:
+    """``n`` of the candidate blocks to drop, spread evenly over each stack (container) in
+    proportion to its size, keeping each stack's first and last block where possible."""
+    stacks: dict[str, list[str]] = {}
+    for c in cands:
+        stacks.setdefault(c.rpartition(".")[0], []).append(c)
+    total = len(cands)
+    quota = {k: round(n * len(v) / total) for k, v in stacks.items()}
+    while sum(quota.values()) != n:  # fix rounding: adjust the largest stacks first
+        k = max(stacks, key=lambda s: len(stacks[s]) - quota[s] if sum(quota.values()) < n
+                else quota[s])  # fmt: skip
+        quota[k] += 1 if sum(quota.values()) < n else -1
+    chosen = []
+    for k, blocks in stacks.items():
+        keep_n = len(blocks) - quota[k]
+        if keep_n <= 0:
+            chosen += blocks
+            continue
+        keep = {round(i * (len(blocks) - 1) / max(keep_n - 1, 1)) for i in range(keep_n)}
+        chosen += [b for i, b in enumerate(blocks) if i not in keep]
+    return chosen
+
+
 @METHODS.register(
     "prune.blocks",
     config=Drop,
@@ -128,6 +155,8 @@ def drop_blocks(
     inputs = _as_inputs(example_inputs)
     user, model = model, copy.deepcopy(model).eval()  # measure on an eval copy: BN stats stay
     cands = droppable_blocks(model, inputs)
+    if cfg.keep is not None:
+        cfg = cfg.replace(blocks=len(cands) - max(1, round(cfg.keep * len(cands))))
     if cfg.names:
         unknown = [n for n in cfg.names if n not in cands]
         if unknown:
@@ -136,6 +165,13 @@ def drop_blocks(
                 fix=f"choose among {cands[:8]}" if cands else "this model has no such block",
             )
         chosen = list(cfg.names)
+    elif cfg.order == "even":
+        if cfg.blocks > len(cands):
+            raise ConfigError(
+                f"asked to drop {cfg.blocks} blocks but only {len(cands)} can be dropped",
+                fix=f"use blocks <= {len(cands)} (candidates: {cands[:8]})",
+            )
+        chosen = evenly_spaced(cands, cfg.blocks)
     else:
         if cfg.blocks > len(cands):
             raise ConfigError(
