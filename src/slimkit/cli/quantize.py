@@ -1,4 +1,5 @@
-"""``slimkit quantize MODEL --calib DATA --out DIR``: static int8 PTQ, exported and measured."""
+"""``slimkit quantize MODEL --calib DATA --out DIR``: static int8 PTQ, or weight-only int4 / int8
+(``--method int4-gptq --group-size 128``: ONNX Runtime MatMulNBits), exported and measured."""
 
 from __future__ import annotations
 
@@ -19,7 +20,16 @@ def quantize_cmd(
         help="calibration data: zoo:TASK[:split], file.npz, pkg.mod:loader "
         "(default: the zoo model's own training split)",
     ),  # fmt: skip
-    method: str = typer.Option("mse", help="minmax | percentile | entropy | mse"),
+    method: str = typer.Option(
+        "mse",
+        help="int8 calibration: minmax | percentile | entropy | mse; or weight-only: int4 | "
+        "int4-rtn | int4-mse | int4-gptq | int4-awq | int8-rtn | int8-gptq",
+    ),  # fmt: skip
+    group_size: int = typer.Option(128, help="weight-only: input channels per scale (32/64/128)"),
+    symmetric: bool = typer.Option(False, help="weight-only: no zero points"),
+    accuracy_level: int = typer.Option(
+        4, min=0, max=4, help="weight-only: ORT MatMulNBits compute (4 = int8, fastest on CPU)"
+    ),
     percentile: float = typer.Option(99.999, help="for --method percentile"),
     weight_bits: str = typer.Option("auto", help="auto (8 with VNNI, else 7) | 7 | 8"),
     num_batches: int = typer.Option(32, min=1, help="calibration batches"),
@@ -57,6 +67,11 @@ def quantize_cmd(
     from slimkit.quant.ptq import PTQ
 
     configure_threads(2)
+    if _weight_only(method) is not None:
+        fields = {**_weight_only(method), "group_size": group_size,  # type: ignore[dict-item]
+                  "symmetric": symmetric, "accuracy_level": accuracy_level,
+                  "num_batches": num_batches}  # fmt: skip
+        return _weight_only_cmd(model, out, calib, fields, weights, input_shape, runs, json_out)
     if weight_bits not in ("auto", "7", "8"):
         raise ConfigError(
             f"--weight-bits {weight_bits!r} is not one of auto, 7, 8",
@@ -85,11 +100,7 @@ def quantize_cmd(
     meta = res.steps[0].details
     with err_console.status("timing ONNX Runtime fp32 vs int8"):
         cmp = compare(res, labels=("fp32", "int8"), runs=runs)
-    metrics: dict[str, Any] = {"sqnr_db": cmp.sqnr_db}
-    for label, values in cmp.task.items():
-        for key in ("top1", "perplexity"):
-            if key in values:
-                metrics[f"{key}_{'float' if label == 'fp32' else 'int8_ort'}"] = values[key]
+    metrics = _metrics(cmp, "int8")
     floated = meta["float_prefix_layers"]
     result = {
         "model": model,
@@ -114,18 +125,8 @@ def quantize_cmd(
     if json_out:
         emit_json({**result, **extra})
         return
-    lat = cmp.latency
-    f_ms, i_ms = lat["fp32"].median_ms, lat["int8"].median_ms
     kernels = res.kernels
-    rows: list[list[Any]] = [
-        ["ONNX size (MB)", cmp.size_bytes["fp32"] / 1e6, cmp.size_bytes["int8"] / 1e6],
-        ["ORT latency, batch 1 (ms)", f_ms, i_ms],
-        ["speed-up", 1.0, f_ms / i_ms],
-        ["SQNR vs float (dB)", "-", metrics["sqnr_db"]],
-    ]
-    for k in ("top1", "perplexity"):
-        if f"{k}_float" in metrics:
-            rows.append([f"test {k}", metrics[f"{k}_float"], metrics[f"{k}_int8_ort"]])
+    rows = _rows(cmp, metrics, "int8")
     rows.append(["integer kernels / float compute ops", "-",
                  f"{kernels.integer} / {kernels.float_compute}"])  # fmt: skip
     console.print(table(f"{rm.name}: int8 PTQ ({method}, {result['weight_bits']}-bit weights)",
@@ -139,5 +140,84 @@ def quantize_cmd(
         console.print(f"speed check: {speed['summary']}")
     if "fallback_summary" in meta:
         console.print(f"float fall-back (val split): {meta['fallback_summary']}")
+    console.print(f"[dim]tool time {res.seconds:.1f} s; artifact in {out}/ "
+                  "(recipe.yaml repeats it: slimkit run)[/]")  # fmt: skip
+
+
+def _metrics(cmp: Any, label: str) -> dict[str, Any]:
+    """SQNR and the zoo task's metrics of fp32 (``*_float``) and the result (``*_LABEL_ort``)."""
+    metrics: dict[str, Any] = {"sqnr_db": cmp.sqnr_db}
+    for name, values in cmp.task.items():
+        for key in ("top1", "perplexity"):
+            if key in values:
+                metrics[f"{key}_{'float' if name == 'fp32' else label + '_ort'}"] = values[key]
+    return metrics
+
+
+def _rows(cmp: Any, metrics: dict[str, Any], label: str) -> list[list[Any]]:
+    """The float vs ``label`` table: size, latency, speed-up, SQNR, task metrics."""
+    f_ms, q_ms = cmp.latency["fp32"].median_ms, cmp.latency[label].median_ms
+    rows: list[list[Any]] = [
+        ["ONNX size (MB)", cmp.size_bytes["fp32"] / 1e6, cmp.size_bytes[label] / 1e6],
+        ["ORT latency, batch 1 (ms)", f_ms, q_ms],
+        ["speed-up", 1.0, f_ms / q_ms],
+        ["SQNR vs float (dB)", "-", metrics["sqnr_db"]],
+    ]
+    for k in ("top1", "perplexity"):
+        if f"{k}_float" in metrics:
+            rows.append([f"test {k}", metrics[f"{k}_float"], metrics[f"{k}_{label}_ort"]])
+    return rows
+
+
+def _weight_only(method: str) -> dict[str, Any] | None:
+    """The ``quant.int4`` config fields ``method`` names (``int4-gptq``), or None."""
+    from slimkit.core.verbs import names
+
+    hit = names("quant").get(method.strip().lower().replace("-", "_"))
+    return dict(hit[1]) if hit is not None and hit[0].name == "quant.int4" else None
+
+
+def _weight_only_cmd(
+    model: str,
+    out: Path,
+    calib: str | None,
+    fields: dict[str, Any],
+    weights: Path | None,
+    input_shape: str | None,
+    runs: int,
+    json_out: bool,
+) -> None:
+    """Weight-only int4 / int8 (``quant.int4``): the artifact's model.onnx runs MatMulNBits."""
+    from slimkit.pipeline.artifact import write_metrics
+    from slimkit.pipeline.measure import compare
+    from slimkit.pipeline.recipe import Recipe, Step
+    from slimkit.pipeline.refs import parse_shape, resolve_model
+    from slimkit.pipeline.runner import run
+    from slimkit.quant.int4 import Int4
+
+    cfg = Int4.from_dict(fields)
+    label = f"int{cfg.bits}"
+    shape = parse_shape(input_shape) if input_shape else None
+    rm = resolve_model(model, weights=weights, input_shape=shape, progress=not json_out)
+    recipe = Recipe.for_model(model, weights=weights, input_shape=shape, data=calib, batch_size=8,
+                              steps=(Step("quant.int4", cfg),))  # fmt: skip
+    with stages(not json_out) as stage:
+        res = run(recipe, model=rm, out=out, progress=not json_out, on_event=stage)
+    with err_console.status(f"timing ONNX Runtime fp32 vs {label}"):
+        cmp = compare(res, labels=("fp32", label), runs=runs)
+    metrics = _metrics(cmp, label)
+    run_info = res.to_dict()
+    result = {"model": model, "method": "quant.int4", "config": cfg.to_dict(),
+              "tool_s": round(res.seconds, 2), "size_mb": cmp.to_dict()["size_mb"],
+              "latency_ms": cmp.to_dict()["latency_ms"], "metrics": metrics,
+              "onnx": res.onnx.to_dict() if res.onnx is not None else None,
+              **{k: run_info[k] for k in ("machine", "versions")}}  # fmt: skip
+    write_metrics(out, {**result, "recipe": run_info["recipe"], "steps": run_info["steps"]})
+    if json_out:
+        emit_json(result)
+        return
+    rows = _rows(cmp, metrics, label)
+    title = f"{rm.name}: weight-only {label} {cfg.method}, group {cfg.group_size} (MatMulNBits)"
+    console.print(table(title, ["", "float", label], rows))
     console.print(f"[dim]tool time {res.seconds:.1f} s; artifact in {out}/ "
                   "(recipe.yaml repeats it: slimkit run)[/]")  # fmt: skip

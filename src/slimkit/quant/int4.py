@@ -27,7 +27,8 @@ come from inputs that went through the already-quantized layers before it.
     sk.export_onnx(q, "model.onnx", example_inputs=(ids,))           # MatMulNBits nodes
 
 YAML step: ``- quant.int4: {method: gptq, group_size: 128}``. Supports Linear and HF Conv1D
-layers (others are left float).
+layers; embedding tables become int8 per row (``embeddings="float"`` keeps them); other layers
+stay float.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ from slimkit.quant.awq import awq
 from slimkit.quant.gptq import gptq
 from slimkit.quant.groupwise import GroupSpec, quantize_weight, search_range
 from slimkit.quant.layerwise import InputStats, quantize_layerwise
-from slimkit.quant.nbits import NBitsLinear
+from slimkit.quant.nbits import Int8Embedding, NBitsLinear
+from slimkit.quant.sim import _set_submodule
 
 NEEDS_DATA = ("gptq", "awq")
 
@@ -67,6 +69,7 @@ class Int4(Config):
     accuracy_level: Literal[0, 1, 2, 3, 4] = 4  # ORT compute: 4 = int8 dot products (fastest)
     num_batches: int = Field(32, ge=1)  # calibration batches read (gptq, awq, mse)
     min_features: int = Field(0, ge=0)  # keep layers with fewer input channels than this float
+    embeddings: Literal["int8", "float"] = "int8"  # nn.Embedding tables in scope: int8 per row
 
     @field_validator("group_size")
     @classmethod
@@ -153,6 +156,10 @@ def quantize_int4(
         batches = merge_batches(collect_batches(data, what="calibration data",
                                                 limit=cfg.num_batches))  # fmt: skip
     notes: dict[str, Any] = {}
+    embeddings = [n for n, m in out.named_modules() if isinstance(m, nn.Embedding)
+                  and cfg.embeddings == "int8" and (scope or Scope()).matches(n, m)]  # fmt: skip
+    for name in embeddings:
+        _set_submodule(out, name, Int8Embedding(out.get_submodule(name)))  # type: ignore[arg-type]
     rep = quantize_layerwise(out, chosen, batches, _solver(cfg, notes),
                              progress=progress)  # fmt: skip
     record: dict[str, Any] = {
@@ -163,6 +170,8 @@ def quantize_int4(
     }
     if converted:
         record["conv1d_as_linear"] = converted
+    if embeddings:
+        record["int8_embeddings"] = embeddings
     if rep.not_called:
         record["not_reached"] = f"no calibration input reached {', '.join(rep.not_called)} (rtn)"
     if notes.get("rtn_fallback"):

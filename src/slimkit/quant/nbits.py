@@ -5,7 +5,8 @@ node (so ``sk.export_onnx`` / the artifact's ``model.onnx`` run ORT's fast weigh
 The module keeps what ``MatMulNBits`` takes: ``qweight`` (N, G, blob) uint8, ``scales`` (N, G),
 ``zero_points`` (N, ceil(G * bits / 8)) uint8 when asymmetric, plus an optional per-input-channel
 ``input_scale`` (AWQ's activation scaling, exported as a ``Mul`` before the node) and the float
-bias (an ``Add`` after it). With ``accuracy_level=4`` ORT quantizes the input to int8 per block
+bias (an ``Add`` after it). ``Int8Embedding`` keeps an embedding table in int8 per row. With
+``accuracy_level=4`` ORT quantizes the input to int8 per block
 before its integer dot products; the forward does the same, so the simulation is what runs.
 """
 
@@ -26,6 +27,7 @@ from slimkit.quant.groupwise import (
     unpack_codes,
     unpack_zero_points,
 )
+from slimkit.quant.modules import dequantize_const
 
 
 class _MatMulNBits(torch.autograd.Function):
@@ -69,8 +71,8 @@ class _MatMulNBits(torch.autograd.Function):
         y = g.op("com.microsoft::MatMulNBits", *inputs, K_i=k, N_i=n, bits_i=bits,
                  block_size_i=block, accuracy_level_i=accuracy_level)  # fmt: skip
         sizes = x.type().varyingSizes()
-        if sizes:
-            y.setType(x.type().with_sizes([*sizes[:-1], n]))
+        if sizes:  # the output's rank and last size; the others stay symbolic (dynamic batch)
+            y.setType(x.type().with_sizes([None] * (len(sizes) - 1) + [n]))
         return y
 
 
@@ -180,3 +182,27 @@ class NBitsLinear(nn.Module):
             f"group_size={s.group_size}, symmetric={s.symmetric}, "
             f"accuracy_level={self.accuracy_level}, awq_scale={self.input_scale is not None}"
         )
+
+
+class Int8Embedding(nn.Module):
+    """An embedding table stored as int8 per row (symmetric, scale ``amax / 127``), dequantized
+    on lookup; exports as ``DequantizeLinear`` over the int8 table feeding ``Gather``. A language
+    model's embeddings are a sizeable share of a small model's bytes once its Linears are 4-bit."""
+
+    qweight: torch.Tensor
+    scale: torch.Tensor
+
+    def __init__(self, emb: nn.Embedding) -> None:
+        super().__init__()
+        w = emb.weight.detach().float()
+        scale = w.abs().amax(1).clamp(min=1e-12) / 127
+        self.register_buffer("qweight", torch.round(w / scale[:, None]).to(torch.int8))
+        self.register_buffer("scale", scale)
+        self.padding_idx = emb.padding_idx
+        self.num_embeddings, self.embedding_dim = w.shape
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return F.embedding(idx, dequantize_const(self.qweight, self.scale, 0), self.padding_idx)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 per row"
