@@ -12,7 +12,7 @@ from torch import nn
 import slimkit as sk
 from slimkit.analyze.profile import profile_model
 from slimkit.errors import CheckpointError, ConfigError
-from slimkit.lowrank import CP, SVD, LowRank, Tucker, lowrank_record, save_lowrank
+from slimkit.lowrank import CP, SVD, LowRank, Tucker, factorise, lowrank_record, save_lowrank
 from slimkit.zoo.models import create_model
 
 
@@ -173,3 +173,35 @@ def test_hugging_face_bert_factorises_and_exports(tmp_path: Path) -> None:
     assert len(sk.report(out).record["layers"]) >= 6
     assert isinstance(out(ids).logits, torch.Tensor)
     sk.export_onnx(out, tmp_path / "bert.onnx", example_inputs=(ids,))
+
+
+def test_data_aware_svd_keeps_what_the_data_uses() -> None:
+    # inputs that live in an 8-dimensional subspace of 64; the weight itself is full rank
+    basis = torch.linalg.qr(torch.randn(64, 8))[0]
+    data = [torch.randn(32, 8) @ basis.T for _ in range(4)]
+    model = nn.Sequential(nn.Linear(64, 64)).eval()
+    plain = sk.decompose(model, SVD(rank=8), data=data)
+    aware = sk.decompose(model, SVD(rank=8, data_aware=True), data=data)
+    x = torch.randn(16, 8) @ basis.T  # held out, same subspace
+
+    @torch.no_grad()
+    def err(m: nn.Module) -> float:
+        return float((m(x) - model(x)).norm() / model(x).norm())
+
+    assert err(aware) < 0.01 < 0.5 < err(plain)  # measured 0.0012 and 0.74-0.77 (3 seeds)
+    # the reported error includes the whitening's ridge: an upper bound (measured 0.084-0.094)
+    assert err(aware) < sk.report(aware).record["layers"][0]["rel_error"] < 0.15
+    with pytest.raises(ConfigError, match="data_aware: true needs data.*Fix:"):
+        sk.decompose(model, SVD(data_aware=True))
+
+
+def test_data_aware_full_rank_conv_is_exact() -> None:
+    from slimkit.lowrank.whiten import covariances, whitener
+
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1)
+    x = torch.randn(3, 4, 9, 9)
+    cov = covariances(conv, {"c": conv}, [x])["c"]
+    assert cov.shape == (36, 36)
+    chain, err = factorise(conv, "svd", [6], whiten=whitener(cov))
+    assert err < 1e-10
+    torch.testing.assert_close(chain(x), conv(x), atol=1e-5, rtol=0)

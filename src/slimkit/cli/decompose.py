@@ -43,6 +43,9 @@ def decompose_cmd(
     macs_budget: float | None = typer.Option(None, help="the same for MACs"),
     vbmf: bool = typer.Option(False, "--vbmf", help="rank by empirical variational Bayes"),
     layers: str = typer.Option("all", help="svd: all | linear | conv"),
+    data_aware: bool = typer.Option(
+        False, "--data-aware", help="svd: rank by the outputs on the task's calibration data"
+    ),
     spatial: str = typer.Option("full", help="cp: full (depthwise kxk) | separable (kx1, 1xk)"),
     finetune_epochs: int = typer.Option(
         0, min=0, help="fine-tune on the zoo task, distilling from the dense model"
@@ -75,6 +78,7 @@ def decompose_cmd(
                               "macs": macs_budget, "vbmf": vbmf}  # fmt: skip
     if method == "svd":
         fields["layers"] = layers
+        fields["data_aware"] = data_aware
     if method == "cp":
         fields["spatial"] = spatial
     cfg = (
@@ -89,10 +93,19 @@ def decompose_cmd(
             "--finetune-epochs needs a model with a bundled task (a trained zoo model)",
             fix="fine-tune in Python with slimkit.prune.recover(model, loader, teacher=dense)",
         )
+    data = None
+    if getattr(cfg, "data_aware", False):
+        if rm.task is None:
+            raise ConfigError(
+                "--data-aware needs calibration data, and this model has no bundled task",
+                fix="use a zoo model with a task, or a recipe with `data:` (slimkit run)",
+            )
+        data = f"zoo:{rm.task}:calibration"
     steps = [Step(name, cfg, ScopeSpec(exclude=list(exclude)) if exclude else None)]
     if finetune_epochs:
         steps.append(Step("finetune", Finetune(epochs=finetune_epochs, lr=1e-3, batch_size=64)))
-    recipe = Recipe.for_model(model, weights=weights, input_shape=shape, steps=tuple(steps))
+    recipe = Recipe.for_model(model, weights=weights, input_shape=shape, data=data,
+                              steps=tuple(steps))  # fmt: skip
     oneshot: dict[str, float] = {}
 
     def before_finetuning(record: StepRecord, factorised: nn.Module) -> None:

@@ -55,6 +55,11 @@ def unfold(t: Tensor, mode: int) -> Tensor:
 
 
 def _leading(matrix: Tensor, r: int) -> Tensor:
+    """The ``r`` leading left singular vectors of a (rows, cols) matrix; for a wide one from the
+    eigenvectors of its (rows, rows) Gram matrix (much faster than an SVD of the whole)."""
+    if matrix.shape[0] * 4 <= matrix.shape[1]:
+        vecs = torch.linalg.eigh(matrix @ matrix.T)[1]  # ascending eigenvalues
+        return vecs.flip(1)[:, :r]
     return torch.linalg.svd(matrix, full_matrices=False)[0][:, :r]
 
 
@@ -68,6 +73,18 @@ def tucker2(w: Tensor, r_out: int, r_in: int, iters: int = 0) -> tuple[Tensor, T
         u_in = _leading(unfold(torch.einsum("oi...,or->ri...", w, u_out), 1), r_in)
     core = torch.einsum("oi...,or,is->rs...", w, u_out, u_in)
     return u_out, core, u_in
+
+
+def tucker_curve(w: Tensor) -> Tensor:
+    """Relative squared error of Tucker-2 HOSVD at every ``(r_out, r_in)``: entry
+    ``[r_out - 1, r_in - 1]``. The full-basis core keeps all the energy, and a truncation keeps
+    its leading block, so prefix sums of the squared core give every truncation at once."""
+    w = w.detach().to(torch.float64)
+    u_out = _leading(unfold(w, 0), w.shape[0])
+    u_in = _leading(unfold(w, 1), w.shape[1])
+    core = torch.einsum("oi...,or,is->rs...", w, u_out, u_in)
+    kept = (core * core).reshape(core.shape[0], core.shape[1], -1).sum(-1).cumsum(0).cumsum(1)
+    return (1 - kept / (float((w * w).sum()) or 1.0)).clamp_min(0)
 
 
 def tucker_error2(w: Tensor, u_out: Tensor, u_in: Tensor) -> float:
@@ -96,7 +113,7 @@ def khatri_rao(factors: list[Tensor]) -> Tensor:
 
 
 def cp_als(
-    t: Tensor, rank: int, iters: int = 50, tol: float = 1e-7, seed: int = 0
+    t: Tensor, rank: int, iters: int = 50, tol: float = 1e-6, seed: int = 0
 ) -> tuple[list[Tensor], float]:
     """Rank-``rank`` CP factors of tensor ``t`` by ALS, and their relative error (float64).
     The weights are carried in the first factor; the others have unit columns."""
@@ -110,8 +127,8 @@ def cp_als(
             extra = torch.randn(t.shape[mode], rank - u.shape[1], generator=gen, dtype=t.dtype)
             u = torch.cat([u, extra / math.sqrt(t.shape[mode])], 1)
         factors.append(u)
-    norm = float(t.norm()) or 1.0
-    err = prev = float("inf")
+    norm2 = float((t * t).sum()) or 1.0
+    prev = float("inf")
     for _ in range(iters):
         for mode in range(n):
             others = [f for m, f in enumerate(factors) if m != mode]
@@ -121,12 +138,15 @@ def cp_als(
             mttkrp = unfold(t, mode) @ khatri_rao(others)  # (dim_n, R)
             ridge = 1e-10 * float(gram.diagonal().mean()) * torch.eye(rank, dtype=t.dtype)
             f = torch.linalg.solve(gram + ridge, mttkrp.T).T
+            if mode == n - 1:  # ||t - t_hat||^2 = ||t||^2 - 2 <t, t_hat> + ||t_hat||^2, cheaply
+                inner, fit2 = float((f * mttkrp).sum()), float((gram * (f.T @ f)).sum())
+                err2 = max(norm2 - 2 * inner + fit2, 0.0) / norm2
             if mode != 0:  # unit columns; their scale moves into the first factor
                 scale = f.norm(dim=0).clamp_min(1e-30)
                 f, factors[0] = f / scale, factors[0] * scale
             factors[mode] = f
-        err = float((t - cp_reconstruct(factors)).norm()) / norm
-        if abs(prev - err) < tol:
+        if abs(prev - err2) <= tol * err2 + 1e-15:  # relative change of the squared error
             break
-        prev = err
+        prev = err2
+    err = float((t - cp_reconstruct(factors)).norm()) / math.sqrt(norm2)
     return factors, err

@@ -41,6 +41,7 @@ from slimkit.lowrank.modules import (
     kernel_size,
 )
 from slimkit.lowrank.rank import Candidate, RankRule, allocate, curve, pick
+from slimkit.lowrank.whiten import covariances, supports, whitener
 
 RECORD = "_slimkit_lowrank"  # the record on a factorised module (read by the artifact writer)
 _READS_WEIGHT = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
@@ -51,6 +52,7 @@ class SVD(RankRule):
     a 1x1 conv."""
 
     layers: Literal["all", "linear", "conv"] = "all"  # which layer types to factorise
+    data_aware: bool = False  # factorise W S (S: input covariance root on data=): output error
 
 
 class Tucker(RankRule):
@@ -208,13 +210,21 @@ def decompose(
     types: tuple[type[nn.Module], ...],
     scope: Scope | None,
     example_inputs: tuple[torch.Tensor, ...] | None,
+    data: Any = None,
 ) -> tuple[nn.Module, LowRankReport]:
     """The shared body of the three methods (see the module docstring)."""
+    aware = bool(getattr(cfg, "data_aware", False))
+    if aware and data is None:
+        raise ConfigError(
+            f"{method} with data_aware: true needs data",
+            fix="pass data=... (a few batches of the model's inputs), or data_aware: false",
+        )
     out = copy.deepcopy(model)
-    report = LowRankReport(method, cfg.rule)
+    report = LowRankReport(method, cfg.rule + (", data-aware" if aware else ""))
     with eval_mode(out):
         layers, report.kept = _candidates(out, types, scope)
         pos = _positions(out, layers, example_inputs) if example_inputs is not None else {}
+        covs = covariances(out, {n: m for n, m in layers if supports(m)}, data) if aware else {}
     if cfg.macs is not None and example_inputs is None:
         raise ConfigError(
             f"{method} with a macs budget needs example_inputs",
@@ -228,7 +238,11 @@ def decompose(
         if cfg.macs is not None and name not in pos:
             report.kept.append({"name": name, "reason": "not run on the example inputs"})
             continue
-        cands.append(Candidate(name, m, k, spatial, pos.get(name)))
+        white = whitener(covs[name]) if name in covs else None
+        if aware and white is None:
+            report.kept.append({"name": name, "reason": "data-aware needs Linear / Conv1d / "
+                                "Conv2d with zero padding: plain SVD"})  # fmt: skip
+        cands.append(Candidate(name, m, k, spatial, pos.get(name), white))
     ranks: dict[str, list[int] | None]
     if cfg.params is not None or cfg.macs is not None:
         key = "params" if cfg.params is not None else "macs"
@@ -247,7 +261,7 @@ def decompose(
             report.kept.append({"name": c.name, "reason": why})
             continue
         assert rank is not None
-        new, err = factorise(c.layer, c.kind, rank, spatial=c.spatial, iters=iters)
+        new, err = factorise(c.layer, c.kind, rank, spatial=c.spatial, iters=iters, whiten=c.whiten)
         new.train(c.layer.training)
         for n in names[id(c.layer)]:
             parent, _, attr = n.rpartition(".")
@@ -347,13 +361,14 @@ def decompose_svd(
     *,
     scope: Scope | None = None,
     example_inputs: tuple[torch.Tensor, ...] | None = None,
+    data: Any = None,
 ) -> tuple[nn.Module, LowRankReport]:
     """A copy of ``model`` with its Linear (and groups=1 conv) layers factorised by SVD."""
     cfg = config or SVD()
     types: tuple[type[nn.Module], ...] = {"all": LAYERS, "linear": (nn.Linear,), "conv": CONVS}[
         cfg.layers
     ]
-    return decompose(model, cfg, "lowrank.svd", "svd", types, scope, example_inputs)
+    return decompose(model, cfg, "lowrank.svd", "svd", types, scope, example_inputs, data)
 
 
 @METHODS.register(

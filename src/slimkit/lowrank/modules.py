@@ -151,17 +151,25 @@ def factorise(
     spatial: Spatial = "full",
     iters: int = 0,
     seed: int = 0,
+    whiten: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[LowRank, float]:
     """``layer`` as a filled chain, and the relative reconstruction error ``||W - W_hat|| / ||W||``
-    of its kernel. ``iters``: HOOI sweeps (tucker) or ALS sweeps (cp)."""
+    of its kernel. ``iters``: HOOI sweeps (tucker) or ALS sweeps (cp). ``whiten`` (svd only):
+    ``(S, S^-1)`` of the layer's input covariance (``lowrank.whiten``); the error is then that of
+    the outputs on the data, ``||(W - W_hat) S|| / ||W S||``."""
     w = layer.weight.detach()
     out = chain(layer, kind, rank, spatial).to(device=w.device, dtype=w.dtype)
     w64 = w.to(torch.float64)
     parts = list(out)
+    s_in = None
     if kind == "svd":
-        u, s, vh = svd(w64.reshape(w64.shape[0], -1))
+        w2 = w64.reshape(w64.shape[0], -1)
+        s_in, s_inv = whiten if whiten is not None else (None, None)
+        u, s, vh = svd(w2 @ s_in if s_in is not None else w2)
         r, root = rank[0], s[: rank[0]].sqrt()
         first, second = root[:, None] * vh[:r], u[:, :r] * root[None, :]  # (r, in k), (out, r)
+        if s_inv is not None:
+            first = first @ s_inv
         _set(parts[0], first)
         _set(parts[1], second)
         approx = second @ first
@@ -190,7 +198,11 @@ def factorise(
         assert isinstance(last.bias, torch.Tensor)
         with torch.no_grad():
             last.bias.copy_(layer.bias.detach())
-    err = float((w64 - approx.reshape(w64.shape)).norm()) / (float(w64.norm()) or 1.0)
+    diff = w64 - approx.reshape(w64.shape)
+    if s_in is not None:  # the error of the outputs on the data
+        w2 = w64.reshape(w64.shape[0], -1)
+        diff, w64 = diff.reshape(w2.shape) @ s_in, w2 @ s_in
+    err = float(diff.norm()) / (float(w64.norm()) or 1.0)
     return out, err
 
 

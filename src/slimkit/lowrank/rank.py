@@ -24,14 +24,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from slimkit.core.config import Config
-from slimkit.lowrank.factorise import (
-    cp_als,
-    energy_rank,
-    svd,
-    tail_error2,
-    tucker_error2,
-    unfold,
-)
+from slimkit.lowrank.factorise import cp_als, energy_rank, tail_error2, tucker_curve, unfold
 from slimkit.lowrank.modules import Kind, Layer, Spatial, kernel_size
 from slimkit.lowrank.vbmf import vbmf
 
@@ -98,6 +91,7 @@ class Candidate:
     kind: Kind
     spatial: Spatial = "full"
     positions: tuple[int, int, int] | None = None  # (input, middle of kx1/1xk, output)
+    whiten: tuple[torch.Tensor, torch.Tensor] | None = None  # data-aware svd: (S, S^-1)
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -141,11 +135,16 @@ class Candidate:
     def weight(self) -> torch.Tensor:
         return self.layer.weight.detach().to(torch.float64)
 
+    def matrix(self) -> torch.Tensor:
+        """The matrix svd factorises: ``W (out, in k)``, times ``S`` when data-aware."""
+        w = unfold(self.weight(), 0)
+        return w @ self.whiten[0] if self.whiten is not None else w
+
     def singular_values(self, mode: int = 0) -> torch.Tensor:
         key = f"s{mode}"
         if key not in self._cache:
-            w = self.weight()
-            self._cache[key] = svd(w.reshape(w.shape[0], -1) if mode == 0 else unfold(w, 1))[1]
+            m = self.matrix() if mode == 0 else unfold(self.weight(), 1)
+            self._cache[key] = torch.linalg.svdvals(m)
         out: torch.Tensor = self._cache[key]
         return out
 
@@ -167,7 +166,7 @@ def pick(c: Candidate, cfg: RankRule, *, iters: int = 50) -> list[int]:
             return [min(cfg.rank, f) for f in full]
         return [max(1, math.ceil(cfg.rank * f)) for f in full]
     if cfg.vbmf:
-        ranks = [max(vbmf(c.weight().reshape(o, -1))[0], 1)]
+        ranks = [max(vbmf(c.matrix())[0], 1)]
         if c.kind != "svd":
             ranks.append(max(vbmf(unfold(c.weight(), 1))[0], 1))
         return ranks if c.kind == "tucker" else [max(ranks)]
@@ -218,13 +217,12 @@ def curve(c: Candidate, *, iters: int = 25, points: int = 24) -> list[tuple[list
     if c.kind == "cp":
         grid = grid[:: max(1, len(grid) // 8)]  # ALS is the cost here: about 8 points
         return [([r], c.cp_error2(r, iters)) for r in grid]
-    w = c.weight()
-    u_out = svd(unfold(w, 0))[0]
-    u_in = svd(unfold(w, 1))[0]
+    table = tucker_curve(c.weight())  # (r_out, r_in) -> error, clamped to the basis sizes
     out = []
     for r in grid:
         r_out, r_in = _tied(c, r)
-        out.append(([r_out, r_in], tucker_error2(w, u_out[:, :r_out], u_in[:, :r_in])))
+        err = table[min(r_out, table.shape[0]) - 1, min(r_in, table.shape[1]) - 1]
+        out.append(([r_out, r_in], float(err)))
     return out
 
 
