@@ -103,3 +103,14 @@ def test_no_rule_means_energy_and_the_rule_reads_back() -> None:
     assert SVD.from_dict(SVD(vbmf=True).to_dict()) == SVD(vbmf=True)
     with pytest.raises(ConfigError, match="unknown low-rank decomposition method 'svdd'"):
         sk.decompose(nn.Linear(4, 4), "svdd")
+
+
+def test_round_to_gives_multiples_of_the_kernel_block() -> None:
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Conv1d(64, 64, 3))
+    x = (torch.randn(2, 64, 64),)  # the Linear runs on the last dimension, the conv on channels
+    for cfg in (SVD(energy=0.5, round_to=8), SVD(params=0.3, round_to=16)):
+        out = sk.decompose(model, cfg, example_inputs=x)
+        ranks = [r["rank"][0] for r in sk.report(out).record["layers"]]
+        assert ranks and all(r % cfg.round_to == 0 for r in ranks), ranks
+    tucker = sk.decompose(nn.Sequential(nn.Conv2d(24, 40, 3)), Tucker(rank=0.3, round_to=8))
+    assert sk.report(tucker).record["layers"][0]["rank"] == [16, 8]  # 12 -> 16, 7.2 -> 8

@@ -2,17 +2,23 @@
 their ranks (``rank``), factorise them (``modules``) and record what was done.
 
     small = sk.decompose(model, "svd")                              # energy 0.9, Linear + conv
-    small = sk.decompose(model, sk.lowrank.SVD(params=0.2), example_inputs=(x,))
-    fast = sk.decompose(model, sk.lowrank.Tucker(vbmf=True))         # convs: 1x1 -> kxk -> 1x1
+    small = sk.decompose(model, sk.lowrank.SVD(params=0.1), example_inputs=(x,))
+    small = sk.decompose(model, sk.lowrank.SVD(energy=0.99, data_aware=True), data=calib)
+    fast = sk.decompose(model, sk.lowrank.Tucker(macs=0.5), example_inputs=(x,))  # convs
     fast = sk.decompose(model, sk.lowrank.CP(rank=0.25, spatial="separable"))
     print(sk.report(small).summary())   # per layer: shape, rank, params before/after, error
 
 YAML steps: ``- lowrank.svd: {energy: 0.9}``, ``- lowrank.tucker: {vbmf: true}``,
-``- lowrank.cp: {rank: 0.25}``. Supported layers: ``nn.Linear`` (svd) and ``nn.Conv1d/2d/3d`` with
-``groups=1`` (svd: kxk -> 1x1; tucker and cp: their chains, a 1x1 conv by svd). A layer is kept,
-with the reason in the record, when it is grouped, when its weight is shared (tied), when its
-parent reads the weight itself (``nn.MultiheadAttention``, ``nn.Transformer*Layer``), or when its
-factorisation would save less than ``min_saving`` of its parameters or would add MACs.
+``- lowrank.cp: {rank: 0.25}``. Papers: truncated SVD (Denton et al., "Exploiting linear structure
+within convolutional networks", 2014; data-aware: Zhang et al., TPAMI 2016), Tucker-2 with VBMF
+ranks (Kim et al., ICLR 2016), CP (Lebedev et al., ICLR 2015); see ``factorise``, ``vbmf``,
+``whiten``. A ``macs`` budget needs ``example_inputs``, ``data_aware`` needs ``data``.
+
+Supported layers: ``nn.Linear`` (svd) and ``nn.Conv1d/2d/3d`` with ``groups=1`` (svd: kxk -> 1x1;
+tucker and cp: their chains, a 1x1 conv by svd). A layer is kept, with the reason in the record,
+when it is grouped, when its weight is shared (tied), when its parent reads the weight itself
+(``nn.MultiheadAttention``, ``nn.Transformer*Layer``), or when its factorisation would save less
+than ``min_saving`` of its parameters or would add MACs; weighted layers of other types are named.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from slimkit.lowrank.modules import (
     factorise,
     kernel_size,
 )
-from slimkit.lowrank.rank import Candidate, RankRule, allocate, curve, pick
+from slimkit.lowrank.rank import Candidate, RankRule, allocate, curve, pick, rounded
 from slimkit.lowrank.whiten import covariances, supports, whitener
 
 RECORD = "_slimkit_lowrank"  # the record on a factorised module (read by the artifact writer)
@@ -247,11 +253,11 @@ def decompose(
     if cfg.params is not None or cfg.macs is not None:
         key = "params" if cfg.params is not None else "macs"
         budget = float(cfg.params if cfg.params is not None else cfg.macs)  # type: ignore[arg-type]
-        opts = {c.name: curve(c, iters=min(iters, 25) or 25) for c in cands}
+        opts = {c.name: curve(c, iters=min(iters, 25) or 25, round_to=cfg.round_to) for c in cands}
         ranks, total, reached = allocate(cands, opts, budget, key)
         report.budget = {"key": key, "fraction": budget, "original": total, "reached": reached}  # type: ignore[dict-item]
     else:
-        ranks = {c.name: pick(c, cfg, iters=25) for c in cands}
+        ranks = {c.name: rounded(c, pick(c, cfg, iters=25), cfg.round_to) for c in cands}
     names, _ = _owners(out)
     for c in cands:
         rank = ranks[c.name]
@@ -280,15 +286,14 @@ def decompose(
         if m0 is not None:
             row["macs"] = [m0, m1]
         report.layers.append(row)
-    if not layers and not report.kept:
+    if isinstance(model, LAYERS):  # the root cannot be replaced in place
+        reason = (f"the model is itself a {type(model).__name__}: wrap it (nn.Sequential(layer)) "
+                  "or call slimkit.lowrank.factorise(layer, kind, rank)")  # fmt: skip
+        report.kept.append({"name": "(model)", "reason": reason})
+    elif not layers and not report.kept:
         what = "Linear or conv" if kind == "svd" else "conv"
-        report.kept.append(
-            {
-                "name": "(model)",
-                "reason": f"no {what} layer in scope to factorise"
-                + ("" if kind == "svd" else "; Linear layers: use lowrank.svd"),
-            }
-        )
+        extra = "" if kind == "svd" else "; Linear layers: use lowrank.svd"
+        report.kept.append({"name": "(model)", "reason": f"no {what} layer in scope{extra}"})
     if example_inputs is not None and report.layers:
         report.output_sqnr_db = _output_sqnr(model, out, example_inputs, report)
     prior = dict(model.__dict__.get(RECORD) or {})

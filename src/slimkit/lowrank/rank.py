@@ -41,6 +41,7 @@ class RankRule(Config):
     macs: float | None = Field(None, gt=0.0, lt=1.0)  # budget: keep this fraction of MACs
     vbmf: bool = False  # rank by empirical variational Bayes (Nakajima et al. 2013)
     min_saving: float = Field(0.1, ge=0.0, lt=1.0)  # keep layers that would save less than this
+    round_to: int = Field(1, ge=1)  # ranks rounded up to a multiple (8, 16: faster CPU kernels)
 
     @model_validator(mode="before")
     @classmethod
@@ -204,26 +205,36 @@ def _tied(c: Candidate, r: int) -> list[int]:
     return [max(1, min(o, math.ceil(r * o / big))), max(1, min(i, math.ceil(r * i / big)))]
 
 
-def curve(c: Candidate, *, iters: int = 25, points: int = 24) -> list[tuple[list[int], float]]:
+def rounded(c: Candidate, rank: list[int], multiple: int) -> list[int]:
+    """``rank`` rounded up to a multiple of ``multiple`` (capped at the full rank)."""
+    full = c.full_rank() if c.kind != "cp" else [max(rank[0], 1)]
+    return [min(-(-r // multiple) * multiple, max(f, r)) for r, f in zip(rank, full, strict=True)]
+
+
+def curve(c: Candidate, *, iters: int = 25, points: int = 24,
+          round_to: int = 1) -> list[tuple[list[int], float]]:  # fmt: skip
     """``(rank, relative squared error)`` options of ``c`` below its break-even rank: every rank
-    for svd (exact, from the singular values), a grid for tucker (HOSVD) and cp (short ALS)."""
+    (multiple of ``round_to``) for svd (exact, from the singular values), a grid for tucker (HOSVD)
+    and cp (short ALS)."""
     top = break_even(c)
     if top < 1:
         return []
     if c.kind == "svd":
         err = tail_error2(c.singular_values(0))
-        return [([r], float(err[r])) for r in range(1, top + 1)]
+        return [([r], float(err[r])) for r in range(round_to, top + 1, round_to)]
     grid = sorted({max(1, round(top * (j / points) ** 1.5)) for j in range(1, points + 1)})
+    orig = c.cost(None)[0]
     if c.kind == "cp":
         grid = grid[:: max(1, len(grid) // 8)]  # ALS is the cost here: about 8 points
-        return [([r], c.cp_error2(r, iters)) for r in grid]
+        ranks = sorted({rounded(c, [r], round_to)[0] for r in grid})
+        return [([r], c.cp_error2(r, iters)) for r in ranks if c.cost([r])[0] < orig]
     table = tucker_curve(c.weight())  # (r_out, r_in) -> error, clamped to the basis sizes
-    out = []
-    for r in grid:
-        r_out, r_in = _tied(c, r)
-        err = table[min(r_out, table.shape[0]) - 1, min(r_in, table.shape[1]) - 1]
-        out.append(([r_out, r_in], float(err)))
-    return out
+    pairs = {tuple(rounded(c, _tied(c, r), round_to)) for r in grid}
+    return [
+        ([r_out, r_in], float(table[min(r_out, table.shape[0]) - 1, min(r_in, table.shape[1]) - 1]))
+        for r_out, r_in in sorted(pairs)
+        if c.cost([r_out, r_in])[0] < orig
+    ]
 
 
 def allocate(
