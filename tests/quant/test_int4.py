@@ -131,3 +131,20 @@ def test_hugging_face_gpt2_conv1d_layers(tmp_path: Path) -> None:
         q, tmp_path / "hf.onnx", example_inputs=(), example_kwargs={"input_ids": ids}
     )
     assert rep.nodes == 9  # 4 Conv1D per block + lm_head (tied to the embedding)
+
+
+def test_awq_folds_its_input_scaling_into_the_norm_layers() -> None:
+    model = create_model("gpt_tiny").eval()
+    q = sk.quantize(model, Int4(method="awq", group_size=32), data=_lm_data())
+    folded = sk.report(q).record["awq_folded"]
+    assert folded["blocks.0.ln1"] == [f"blocks.0.attn.{p}_proj" for p in "qkv"]
+    assert set(folded) == {"blocks.0.ln1", "blocks.0.ln2", "blocks.1.ln1", "blocks.1.ln2", "ln_f"}
+    kept = [n for n, m in q.named_modules() if getattr(m, "input_scale", None) is not None]
+    assert sorted(kept) == [f"blocks.{i}.{p}" for i in (0, 1) for p in ("attn.out_proj", "mlp.fc2")]
+    # k_proj kept float also reads ln1's output: folding would change it, so it is undone
+    q = sk.quantize(model, Int4(method="awq", group_size=32), data=_lm_data(),
+                    scope=sk.Scope(exclude=[r".*\.k_proj"]))  # fmt: skip
+    folded = sk.report(q).record["awq_folded"]
+    assert "blocks.0.ln1" not in folded and "blocks.1.ln1" not in folded and "ln_f" in folded
+    assert q.blocks[0].attn.q_proj.input_scale is not None
+    assert torch.equal(q.blocks[0].ln1.weight, model.blocks[0].ln1.weight)

@@ -15,7 +15,9 @@ Solvers (``method``):
 - ``gptq``: Frantar et al., 2022 (``quant/gptq.py``): column-wise error compensation with the
   inverse Hessian of the layer's inputs, act-order, damping, lazy batches.
 - ``awq``: Lin et al., 2023 (``quant/awq.py``): per-input-channel activation-aware scales,
-  searched per layer against its output error; kept as a ``Mul`` on the layer's input.
+  searched against the layers' output error. Layers fed by a norm layer (q / k / v after
+  LayerNorm, fc1, lm_head) share one scaling, folded into the norm's weight and bias (kept only
+  if the model's output is unchanged); elsewhere it stays a ``Mul`` on the layer's input.
 
 Calibration is layer by layer in forward order (``quant/layerwise.py``): each layer's statistics
 come from inputs that went through the already-quantized layers before it.
@@ -36,6 +38,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Literal
 
+import torch
 from pydantic import Field, field_validator
 from torch import nn
 
@@ -85,9 +88,14 @@ class Int4(Config):
 def _solver(cfg: Int4, notes: dict[str, Any]) -> Any:
     spec = GroupSpec(cfg.bits, cfg.group_size, cfg.symmetric)
 
-    def solve(name: str, layer: nn.Linear, stats: InputStats | None) -> nn.Module:
-        w = layer.weight.detach().float()
-        bias = None if layer.bias is None else layer.bias.detach().float()
+    def layer(lin: nn.Linear, codes: Any, scale: Any, zero: Any, in_scale: Any) -> NBitsLinear:
+        bias = None if lin.bias is None else lin.bias.detach().float()
+        return NBitsLinear.from_codes(codes, scale, zero, spec, in_features=lin.in_features,
+                                      bias=bias, input_scale=in_scale,
+                                      accuracy_level=cfg.accuracy_level)  # fmt: skip
+
+    def one(name: str, lin: nn.Linear, stats: InputStats | None) -> nn.Module:
+        w = lin.weight.detach().float()
         method = cfg.method if stats is not None or cfg.method in ("rtn", "mse") else "rtn"
         if method != cfg.method:
             notes.setdefault("rtn_fallback", []).append(name)
@@ -101,16 +109,61 @@ def _solver(cfg: Int4, notes: dict[str, Any]) -> Any:
                 clip_grid=cfg.clip_grid,
             )  # fmt: skip
             notes.setdefault("awq_alpha", {})[name] = alpha
+            in_scale = in_scale if alpha > 0 else None  # alpha 0: all ones, no Mul needed
         else:
             grid = cfg.clip_grid if method == "mse" else 1
             imp = stats.sq_mean() if stats is not None else None
             scale, zero = search_range(w, spec, imp, grid=grid)
             codes = quantize_weight(w, scale, zero, spec)
-        return NBitsLinear.from_codes(codes, scale, zero, spec, in_features=layer.in_features,
-                                      bias=bias, input_scale=in_scale,
-                                      accuracy_level=cfg.accuracy_level)  # fmt: skip
+        return layer(lin, codes, scale, zero, in_scale)
+
+    def solve(
+        group: list[tuple[str, nn.Linear]], stats: InputStats | None, producer: str | None
+    ) -> list[nn.Module]:
+        if cfg.method != "awq" or stats is None or producer is None:
+            return [one(name, lin, stats) for name, lin in group]
+        # one input scaling for every layer after the norm, so that it folds into the norm: the
+        # search runs on their rows stacked (same inputs, so the same output error summed)
+        w = torch.cat([lin.weight.detach().float() for _, lin in group])
+        h, act = stats.hessian(), stats.abs_mean()
+        codes, scale, zero, s, alpha = awq(w, h, act, spec, grid=cfg.awq_grid,
+                                           clip_grid=cfg.clip_grid)  # fmt: skip
+        in_scale = s if alpha > 0 else None
+        rows = [lin.out_features for _, lin in group]
+        parts = zip(codes.split(rows), scale.split(rows), zero.split(rows), strict=True)
+        notes.setdefault("awq_alpha", {}).update({name: alpha for name, _ in group})
+        return [layer(lin, *p, in_scale) for (_, lin), p in zip(group, parts, strict=True)]
 
     return solve
+
+
+def fold_input_scale(model: nn.Module, norm_name: str, names: list[str]) -> Any:
+    """Move the shared ``input_scale`` of the packed layers ``names`` into the norm layer that
+    feeds them (its weight and bias times the scale); returns an undo, or None if they do not
+    share one."""
+    layers = [model.get_submodule(n) for n in names]
+    scales = [getattr(m, "input_scale", None) for m in layers]
+    first = scales[0]
+    if first is None or not all(s is not None and torch.equal(s, first) for s in scales):
+        return None
+    norm = model.get_submodule(norm_name)
+    params = [p for p in (getattr(norm, "weight", None), getattr(norm, "bias", None))
+              if isinstance(p, torch.Tensor)]  # fmt: skip
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p in params:
+            p.mul_(first)
+    for m in layers:
+        setattr(m, "input_scale", None)  # noqa: B010 - a registered buffer set to None
+
+    def undo() -> None:
+        with torch.no_grad():
+            for p, old in zip(params, saved, strict=True):
+                p.copy_(old)
+        for m in layers:
+            setattr(m, "input_scale", first)  # noqa: B010
+
+    return undo
 
 
 @METHODS.register(
@@ -160,8 +213,8 @@ def quantize_int4(
                   and cfg.embeddings == "int8" and (scope or Scope()).matches(n, m)]  # fmt: skip
     for name in embeddings:
         _set_submodule(out, name, Int8Embedding(out.get_submodule(name)))  # type: ignore[arg-type]
-    rep = quantize_layerwise(out, chosen, batches, _solver(cfg, notes),
-                             progress=progress)  # fmt: skip
+    rep = quantize_layerwise(out, chosen, batches, _solver(cfg, notes), progress=progress,
+                             fold=fold_input_scale if cfg.method == "awq" else None)  # fmt: skip
     record: dict[str, Any] = {
         "method": "quant.int4",
         "config": cfg.to_dict(),
@@ -178,5 +231,7 @@ def quantize_int4(
         record["rtn_fallback"] = notes["rtn_fallback"]
     if "awq_alpha" in notes:
         record["awq_alpha"] = notes["awq_alpha"]
+    if rep.folded:
+        record["awq_folded"] = rep.folded  # norm layer -> the layers whose input scale it took
     out.__dict__["meta"] = {"slimkit": record}
     return out
