@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 import slimkit as sk
+from slimkit.core.data import flatten_output
 from slimkit.distill import feature as ft
-from slimkit.distill.losses import detect, flatten_output, kind_loss
+from slimkit.distill.losses import detect, kind_loss
 from slimkit.errors import ConfigError
 
 

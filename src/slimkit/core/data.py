@@ -244,3 +244,19 @@ def model_failed(model: torch.nn.Module, what: str, b: Batch, e: BaseException) 
         fix="pass inputs shaped like the model's forward arguments (first dimension: the "
         "batch; float32 for float layers); check that model(*inputs) runs",
     )
+
+
+def flatten_output(out: Any) -> list[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` for every floating tensor of a model output, in a fixed order."""
+    if isinstance(out, torch.Tensor):
+        return [("output", out)] if out.is_floating_point() else []
+    if isinstance(out, Mapping) or hasattr(out, "to_tuple") and hasattr(out, "keys"):
+        items = [(str(k), out[k]) for k in out.keys()]  # noqa: SIM118 - ModelOutput keys
+    elif isinstance(out, (tuple, list)):
+        items = [(str(i), v) for i, v in enumerate(out)]
+    else:
+        return []
+    flat = []
+    for name, value in items:
+        flat += [(name if n == "output" else f"{name}.{n}", t) for n, t in flatten_output(value)]
+    return flat

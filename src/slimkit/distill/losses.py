@@ -24,34 +24,19 @@ recorded with its reason in the result's report.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
+from slimkit.core.data import flatten_output
 from slimkit.errors import ConfigError
 
 Kind = Literal["softmax", "sigmoid", "peaked", "regression", "cosine"]
 KINDS: tuple[str, ...] = ("softmax", "sigmoid", "peaked", "regression", "cosine")
 EPS = 1e-6
-
-
-def flatten_output(out: Any) -> list[tuple[str, torch.Tensor]]:
-    """``(name, tensor)`` for every floating tensor of a model output, in a fixed order."""
-    if isinstance(out, torch.Tensor):
-        return [("output", out)] if out.is_floating_point() else []
-    if isinstance(out, Mapping) or hasattr(out, "to_tuple") and hasattr(out, "keys"):
-        items = [(str(k), out[k]) for k in out.keys()]  # noqa: SIM118 - ModelOutput keys
-    elif isinstance(out, (tuple, list)):
-        items = [(str(i), v) for i, v in enumerate(out)]
-    else:
-        return []
-    flat = []
-    for name, value in items:
-        flat += [(name if n == "output" else f"{name}.{n}", t) for n, t in flatten_output(value)]
-    return flat
 
 
 @dataclass

@@ -33,7 +33,7 @@ from pydantic import Field
 from torch import nn
 
 from slimkit.core.config import Config
-from slimkit.core.data import Batch, collect_batches, model_failed
+from slimkit.core.data import Batch, flatten_output, iter_batches, model_failed
 from slimkit.core.io import PathLike
 from slimkit.core.registry import METHODS
 from slimkit.core.train import TrainResult, fit
@@ -41,7 +41,6 @@ from slimkit.distill import feature as ft
 from slimkit.distill.losses import (
     Decision,
     detect,
-    flatten_output,
     response_loss,
     task_loss,
 )
@@ -138,14 +137,16 @@ class _Trainee(nn.Module):
         return self.adapters[name.replace(".", "__")]
 
 
-def _normalise(batch: Any) -> Batch:
-    return collect_batches([batch], what="training data", n_inputs=1)[0]
+def _normalise(batch: Any, *, check: bool = False) -> Batch:
+    """One training batch as a :class:`Batch` (NaN checks only where asked: the inputs were
+    checked up front and ``fit`` stops on a non-finite loss)."""
+    return next(iter_batches([batch], what="training data", check_finite=check))
 
 
 def _teacher_outputs(teacher: nn.Module, data: Any, n: int = 4) -> tuple[list[Any], list[Batch]]:
     outs, batches = [], []
     for raw in itertools.islice(iter(data), n):
-        b = _normalise(raw)
+        b = _normalise(raw, check=True)
         try:
             with torch.no_grad():
                 outs.append(b.run(teacher))

@@ -1,6 +1,6 @@
 """Quantization: primitives (fake-quant, ranges), calibration, and one file per method.
 
-``from slimkit.quant import PTQ, Dynamic, WeightOnly, Half, Int4`` gives the method configs;
+``from slimkit.quant import PTQ, QAT, Dynamic, WeightOnly, Half, Int4`` gives the method configs;
 ``slimkit.quant.quantize`` (``sk.quantize``) is the verb that runs any of them by name or config.
 """
 
@@ -8,7 +8,8 @@ from slimkit.quant.dynamic import Dynamic
 from slimkit.quant.half import Half
 from slimkit.quant.int4 import Int4
 from slimkit.quant.ptq import PTQ
+from slimkit.quant.qat import QAT
 from slimkit.quant.verb import quantize
 from slimkit.quant.weight_only import WeightOnly
 
-__all__ = ["PTQ", "Dynamic", "Half", "Int4", "WeightOnly", "quantize"]
+__all__ = ["PTQ", "QAT", "Dynamic", "Half", "Int4", "WeightOnly", "quantize"]

@@ -145,16 +145,22 @@ class QuantLayer(nn.Module):
         layer = self.float_layer
         if self.float_mode:
             return layer(x)
-        w = self.weight()
         b = dequantize_const(self.b_q, self.b_scale, 0) if self.has_bias else layer.bias
-        if isinstance(layer, nn.Linear):
-            return F.linear(x, w, b)
-        assert isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
-        conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[w.dim() - 2]
-        if layer.padding_mode != "zeros":
-            x = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
-            return conv(x, w, b, layer.stride, 0, layer.dilation, layer.groups)
-        return conv(x, w, b, layer.stride, layer.padding, layer.dilation, layer.groups)
+        return run_layer(layer, x, self.weight(), b)
+
+
+def run_layer(
+    layer: nn.Module, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None
+) -> torch.Tensor:
+    """``layer`` (a Linear or Conv) applied to ``x`` with the weight ``w`` and bias ``b``."""
+    if isinstance(layer, nn.Linear):
+        return F.linear(x, w, b)
+    assert isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[w.dim() - 2]
+    if layer.padding_mode != "zeros":
+        x = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
+        return conv(x, w, b, layer.stride, 0, layer.dilation, layer.groups)
+    return conv(x, w, b, layer.stride, layer.padding, layer.dilation, layer.groups)
 
 
 class QuantEmbedding(nn.Module):
