@@ -62,3 +62,23 @@ def print_table(title: str, columns: list[tuple[str, str]], rows: list[dict[str,
             cells.append("-" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v))
         t.add_row(*cells)
     Console().print(t)
+
+
+def ort_latency(
+    models: dict[str, Any], x: Any, *, runs: int = 50, warmup: int = 10, rounds: int = 3
+) -> dict[str, Any]:
+    """Each model exported to ONNX and timed in ONNX Runtime on input ``x`` (batch as given), all
+    in the same interleaved rounds: label -> ``LatencyStats``."""
+    import tempfile
+
+    from slimkit.analyze.latency import measure_latency, ort_runner
+    from slimkit.export.onnx import export_onnx
+    from slimkit.export.ort import ort_session
+
+    with tempfile.TemporaryDirectory() as tmp:
+        runners = {}
+        for i, (label, m) in enumerate(models.items()):
+            path = Path(tmp) / f"m{i}.onnx"
+            export_onnx(m, path, example_inputs=(x,))
+            runners[label] = ort_runner(ort_session(path), [x])
+        return measure_latency(runners, runs=runs, warmup=warmup, rounds=rounds)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -32,11 +31,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _common import parser, print_table, start, write_result  # noqa: E402
-from slimkit.analyze.latency import measure_latency, ort_runner  # noqa: E402
+from _common import ort_latency, parser, print_table, start, write_result  # noqa: E402
 from slimkit.analyze.profile import profile_model  # noqa: E402
-from slimkit.export.onnx import export_onnx  # noqa: E402
-from slimkit.export.ort import ort_session  # noqa: E402
 from slimkit.prune import Channel, Target, prune_to_target, pruning_record  # noqa: E402
 from slimkit.prune.recover import recover  # noqa: E402
 from slimkit.zoo import PRETRAINED, create_model, evaluate, load_task, pretrained  # noqa: E402
@@ -122,13 +118,7 @@ def accuracy(name: str, ratios: list[float], epochs: int, seeds: int) -> list[di
 
 def _measure(rows: list[dict[str, Any]], models: dict[str, nn.Module], x: torch.Tensor) -> None:
     """Params, MACs and ORT latency (all models of one table in the same interleaved rounds)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        runners = {}
-        for i, (label, m) in enumerate(models.items()):
-            path = Path(tmp) / f"m{i}.onnx"
-            export_onnx(m, path, example_inputs=(x,))
-            runners[label] = ort_runner(ort_session(path), [x])
-        stats = measure_latency(runners, runs=30, warmup=5, rounds=3)
+    stats = ort_latency(models, x, runs=30, warmup=5)
     for row in rows:
         m = models[row["label"]]
         prof = profile_model(m, (x,))

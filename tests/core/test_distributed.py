@@ -18,7 +18,7 @@ from torch import nn
 import slimkit as sk
 from slimkit.core.train import distributed, fit
 
-out, die_after = sys.argv[1], int(sys.argv[2])
+out, die_after, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 torch.set_num_threads(1)
 g = torch.Generator().manual_seed(0)
 x = torch.randn(2048, 16, generator=g)
@@ -38,6 +38,13 @@ def val(m):
 
 seen = []
 ckpt = out + ".ckpt"
+if mode == "qat":  # W4A8 QAT of the teacher, trained on the same path
+    s = sk.quantize(teacher, sk.quant.QAT(weight_bits=4, epochs=3, lr=1e-3), data=train)
+    rank, world = distributed()
+    if rank == 0:
+        json.dump({"world": world, "top1": val(s), "qat": s.meta["slimkit"]["qat"]["sqnr_db_qat"]},
+                  open(out, "w"))
+    sys.exit(0)
 s = sk.distill(student, teacher, sk.distill.Response(epochs=12, lr=1e-2), data=train,
                val_fn=val, checkpoint=ckpt)
 rank, world = distributed()
@@ -49,13 +56,15 @@ if rank == 0:
 """
 
 
-def _run(tmp: Path, name: str, procs: int, die_after: int = 0) -> subprocess.CompletedProcess:
+def _run(
+    tmp: Path, name: str, procs: int, die_after: int = 0, mode: str = "distill"
+) -> subprocess.CompletedProcess:
     script = tmp / "train.py"
     script.write_text(SCRIPT)
     launch = [sys.executable] if procs == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
         f"--nproc_per_node={procs}"]  # fmt: skip
-    return subprocess.run([*launch, str(script), str(tmp / name), str(die_after)],
+    return subprocess.run([*launch, str(script), str(tmp / name), str(die_after), mode],
                           capture_output=True, text=True, timeout=240)  # fmt: skip
 
 
@@ -83,3 +92,13 @@ def test_two_processes_match_one_and_resume_bit_identically(tmp_path: Path) -> N
     assert r3["resumed"] == 2
     a, b = torch.load(tmp_path / "two.json.pt"), torch.load(tmp_path / "cut.json.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)  # bit-identical to the uninterrupted run
+
+
+@pytest.mark.slow
+def test_two_process_qat_matches_one(tmp_path: Path) -> None:
+    runs = [_run(tmp_path, f"q{n}.json", n, mode="qat") for n in (1, 2)]
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-2000:]
+    one, two = (json.loads((tmp_path / f"q{n}.json").read_text()) for n in (1, 2))
+    assert (one["world"], two["world"]) == (1, 2)
+    assert abs(one["top1"] - two["top1"]) <= 0.05, (one, two)
