@@ -105,11 +105,30 @@ def quantize_weight(
     return fake_quantize(w, scale, zp, qmin, qmax, axis if per_channel else None)
 
 
+def mse_step(w: torch.Tensor, bits: int, grid: int = 40) -> torch.Tensor:
+    """Per-channel step minimising the weight's squared quantization error over clip ratios."""
+    qmax = 2 ** (bits - 1) - 1
+    flat = w.detach().reshape(w.shape[0], -1)
+    amax = flat.abs().amax(1).clamp_min(EPS)
+    best, best_err = amax / qmax, torch.full_like(amax, float("inf"))
+    for i in range(grid):
+        step = amax * (1.0 - 0.8 * i / grid) / qmax
+        q = torch.clamp(torch.round(flat / step[:, None]), -qmax, qmax) * step[:, None]
+        err = ((q - flat) ** 2).sum(1)
+        better = err < best_err
+        best, best_err = torch.where(better, step, best), torch.where(better, err, best_err)
+    return best
+
+
 def weight_codes(w: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer codes (as float) and scales of ``w`` per output channel (dim 0), symmetric and
-    narrow (-q..q: negation is exact, and int8 x uint8 pair sums stay inside int16 at 7 bits)."""
+    narrow (-q..q: negation is exact, and int8 x uint8 pair sums stay inside int16 at 7 bits).
+    Below 7 bits the range is clipped per channel where that lowers the squared error
+    (:func:`mse_step`); at 7 and 8 bits the full range is kept."""
     lo, hi = weight_range(w, per_channel=True)
     scale, _, qmin, qmax = affine_params(lo, hi, bits=bits, symmetric=True, narrow=True)
+    if bits < 7:
+        scale = mse_step(w, bits)
     codes = torch.clamp(torch.round(w / scale.view((-1,) + (1,) * (w.dim() - 1))), qmin, qmax)
     return codes, scale.float()
 

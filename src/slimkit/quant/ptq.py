@@ -44,7 +44,7 @@ import copy
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import torch
 from pydantic import Field
@@ -68,7 +68,9 @@ class PTQ(Config):
 
     calibration: Literal["minmax", "percentile", "entropy", "mse"] = "mse"
     percentile: float = Field(99.999, gt=90.0, le=100.0)  # for calibration="percentile"
-    weight_bits: Literal["auto", 7, 8] = "auto"  # auto: 8 with VNNI, else 7 (exact on ORT)
+    # auto: 8 with VNNI, else 7 (exact on ORT); 2-6: low-bit codes on the same int8 kernels
+    # (W4A8: per-channel clipping chosen by squared error; pair with adaround for accuracy)
+    weight_bits: Literal["auto"] | Annotated[int, Field(ge=2, le=8)] = "auto"
     num_batches: int = Field(32, ge=1)  # calibration batches read from `data`
     fold_bn: bool = True
     bias_correction: bool = True  # remove the mean output shift of each layer (one extra pass)

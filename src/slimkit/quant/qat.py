@@ -40,7 +40,7 @@ from slimkit.core.registry import METHODS
 from slimkit.core.scope import Scope
 from slimkit.core.verbs import dispatch
 from slimkit.quant.modules import QuantLayer, run_layer
-from slimkit.quant.primitives import EPS
+from slimkit.quant.primitives import EPS, mse_step
 from slimkit.quant.ptq import PTQ, quantize_ptq
 from slimkit.quant.sim import _set_submodule
 
@@ -82,21 +82,6 @@ def lsq_fake_quant(w: torch.Tensor, step: torch.Tensor, qmax: int) -> torch.Tens
     g = 1.0 / math.sqrt(w[0].numel() * qmax)
     s = _grad_scale(step.clamp_min(EPS), g).view((-1,) + (1,) * (w.dim() - 1))
     return _round_ste(torch.clamp(w / s, -qmax, qmax)) * s
-
-
-def mse_step(w: torch.Tensor, bits: int, grid: int = 40) -> torch.Tensor:
-    """Per-channel step minimising the weight's squared quantization error over clip ratios."""
-    qmax = 2 ** (bits - 1) - 1
-    flat = w.detach().reshape(w.shape[0], -1)
-    amax = flat.abs().amax(1).clamp_min(EPS)
-    best, best_err = amax / qmax, torch.full_like(amax, float("inf"))
-    for i in range(grid):
-        step = amax * (1.0 - 0.8 * i / grid) / qmax
-        q = torch.clamp(torch.round(flat / step[:, None]), -qmax, qmax) * step[:, None]
-        err = ((q - flat) ** 2).sum(1)
-        better = err < best_err
-        best, best_err = torch.where(better, step, best), torch.where(better, err, best_err)
-    return best
 
 
 class QATLayer(nn.Module):
