@@ -345,7 +345,9 @@ def _apply_step(step: Step, model: nn.Module, ctx: _Context) -> tuple[nn.Module,
         kwargs["example_inputs"] = example
     if step.scope is not None:
         kwargs["scope"] = step.scope.to_scope()
-    if technique == "quant":
+    if step.name == "quant.qat" and not ctx.explicit_data and ctx.source.task is not None:
+        kwargs["data"] = _train_split(ctx, step)  # training, not the calibration samples
+    elif technique == "quant":
         kwargs["data"] = ctx.data(need=step.name)
     elif ctx.explicit_data:
         kwargs["data"] = ctx.data()
@@ -438,6 +440,11 @@ def _finetune(step: Step, model: nn.Module, ctx: _Context) -> tuple[nn.Module, S
     return model, StepRecord(step, "pipeline", 0.0, details)
 
 
+def _train_split(ctx: _Context, step: Step) -> Any:
+    """The bundled task's shuffled training split (batches of 64), for the training steps."""
+    return ctx.task(f"the {step.name} step").loader("train", 64, shuffle=True)
+
+
 def _distill(step: Step, model: nn.Module, ctx: _Context) -> tuple[nn.Module, StepRecord]:
     """A distillation step: the recipe's source model is the teacher, and the data is the
     recipe's explicit data, else the bundled task's shuffled training split."""
@@ -446,8 +453,7 @@ def _distill(step: Step, model: nn.Module, ctx: _Context) -> tuple[nn.Module, St
     if ctx.explicit_data:
         data, where = ctx.data(), "the recipe's data"
     else:
-        task = ctx.task(f"the {step.name} step")
-        data, where = task.loader("train", 64, shuffle=True), f"{task.name} train split"
+        data, where = _train_split(ctx, step), f"{ctx.source.task} train split"
     ckpt = _checkpoint_path(step, ctx)
     out = sk.distill(model, ctx.source.model, step.config, data=data, checkpoint=ckpt,
                      progress=ctx.progress)  # fmt: skip
