@@ -40,7 +40,8 @@ def save_lowrank(model: nn.Module, directory: PathLike) -> Path:
     if record is None:
         raise CheckpointError(
             f"this {type(model).__name__} carries no low-rank record",
-            fix="save the result of sk.decompose (or save an unfactorised model with sk.save)",
+            fix="save the result of sk.decompose (an unfactorised model: "
+            "slimkit.core.io.save_weights(model, path))",
         )
     if model.__dict__.get("_slimkit_pruning") is not None:
         raise CheckpointError(
