@@ -32,7 +32,6 @@ import copy  # noqa: E402
 import hashlib  # noqa: E402
 import inspect  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -43,15 +42,12 @@ from torch import nn  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 
 import slimkit as sk  # noqa: E402
-from _common import parser, print_table, start, write_result  # noqa: E402
+from _common import ort_latency, parser, print_table, start, write_result  # noqa: E402
 from slimkit.analyze.hardware import load_profile  # noqa: E402
-from slimkit.analyze.latency import measure_latency, ort_runner  # noqa: E402
 from slimkit.analyze.profile import profile_model  # noqa: E402
 from slimkit.analyze.roofline import roofline  # noqa: E402
 from slimkit.core.io import load_into, load_weights, save_weights  # noqa: E402
 from slimkit.core.train import fit  # noqa: E402
-from slimkit.export.onnx import export_onnx  # noqa: E402
-from slimkit.export.ort import ort_session  # noqa: E402
 from slimkit.lowrank import CP, SVD, RankRule, Tucker  # noqa: E402
 from slimkit.prune.recover import recover  # noqa: E402
 from slimkit.zoo import create_model, evaluate, load_task, pretrained  # noqa: E402
@@ -211,13 +207,7 @@ def _measure(rows: list[dict[str, Any]], models: dict[str, nn.Module], x: torch.
              *, runs: int) -> None:  # fmt: skip
     """Params, MACs, ORT latency (all rows in the same interleaved rounds) and the roofline."""
     hw = load_profile("this")
-    with tempfile.TemporaryDirectory() as tmp:
-        runners = {}
-        for i, (label, m) in enumerate(models.items()):
-            path = Path(tmp) / f"m{i}.onnx"
-            export_onnx(m, path, example_inputs=(x,))
-            runners[label] = ort_runner(ort_session(path), [x])
-        stats = measure_latency(runners, runs=runs, warmup=5, rounds=3)
+    stats = ort_latency(models, x, runs=runs, warmup=5, rounds=3)
     base = rows[0]
     for row in rows:
         m = models[row["label"]]
