@@ -247,8 +247,8 @@ def bench_quality(quick: bool, tmp: Path) -> list[dict[str, Any]]:
     task = load_task("pycode_lm")
     xs, ys = task.test[: 64 if quick else 512]
     train_x = task.train[:][0]
-    picks = torch.linspace(0, len(train_x) - 1, 32 if quick else 128).long()
-    calib = list(train_x[picks].split(8))  # 4 / 16 batches of 8 windows of 128 bytes
+    picks = torch.linspace(0, len(train_x) - 1, 32 if quick else 64).long()
+    calib = list(train_x[picks].split(8))  # 4 / 8 batches of 8 windows of 128 bytes
     x1 = xs[:2]
     fp32 = tmp / "gpt_fp32.onnx"
     export_onnx(model, fp32, example_inputs=(x1,))
@@ -326,16 +326,19 @@ def bench_speed(quick: bool, tmp: Path) -> tuple[list[dict[str, Any]], dict[str,
     weight_mb = sum(m.weight.numel() * 4 for m in big.modules() if isinstance(m, nn.Linear)) / MB
     x = torch.randint(0, 256, (1, 1))  # batch 1, one new token
     fp32 = tmp / "big_fp32.onnx"
-    export_onnx(big, fp32, example_inputs=(x,), dynamic_batch=False)
+    export_onnx(big, fp32, example_inputs=(x,))  # dynamic batch, as export_nbits writes it
     q = sk.quantize(big, Int4(method="rtn", group_size=128, accuracy_level=4))
     q0 = sk.quantize(big, Int4(method="rtn", group_size=128, accuracy_level=0))
+    qf = sk.quantize(big, Int4(method="rtn", group_size=128, embeddings="float"))
     paths = {
         "fp32": fp32,
         "slimkit int4 rtn g128 acc4": tmp / "big_sk4.onnx",
+        "slimkit int4 rtn g128 acc4 float-emb": tmp / "big_sk4f.onnx",
         "slimkit int4 rtn g128 acc0": tmp / "big_sk0.onnx",
         "onnxruntime int4 rtn g128 acc4": tmp / "big_ort4.onnx",
     }
     export_nbits(q, paths["slimkit int4 rtn g128 acc4"], example_inputs=(x,))
+    export_nbits(qf, paths["slimkit int4 rtn g128 acc4 float-emb"], example_inputs=(x,))
     export_nbits(q0, paths["slimkit int4 rtn g128 acc0"], example_inputs=(x,))
     qz = MatMulNBitsQuantizer(
         onnx.load(str(fp32)),
@@ -392,6 +395,11 @@ def bench_speed(quick: bool, tmp: Path) -> tuple[list[dict[str, Any]], dict[str,
         "n_layer": layers,
         "speedup_slimkit_int4_acc4_vs_fp32": round(
             f32 / lat["slimkit int4 rtn g128 acc4"].median_ms, 2
+        ),
+        "latency_slimkit_vs_ort_int4_acc4": round(
+            lat["slimkit int4 rtn g128 acc4"].median_ms
+            / lat["onnxruntime int4 rtn g128 acc4"].median_ms,
+            2,
         ),
         "speedup_slimkit_int4_acc0_vs_fp32": round(
             f32 / lat["slimkit int4 rtn g128 acc0"].median_ms, 2
@@ -484,7 +492,7 @@ def main() -> None:
     summary = summarise(quality, speed_summary)
     settings = {
         "threads": 2,
-        "calibration_windows": 32 if args.quick else 128,
+        "calibration_windows": 32 if args.quick else 64,
         "test_windows": 64 if args.quick else 512,
         "window_bytes": 128,
         "eval_runtime": "onnxruntime (slimkit and ORT rows), PyTorch (nncf rows)",

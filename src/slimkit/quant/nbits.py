@@ -27,7 +27,6 @@ from slimkit.quant.groupwise import (
     unpack_codes,
     unpack_zero_points,
 )
-from slimkit.quant.modules import dequantize_const
 
 
 class _MatMulNBits(torch.autograd.Function):
@@ -185,9 +184,9 @@ class NBitsLinear(nn.Module):
 
 
 class Int8Embedding(nn.Module):
-    """An embedding table stored as int8 per row (symmetric, scale ``amax / 127``), dequantized
-    on lookup; exports as ``DequantizeLinear`` over the int8 table feeding ``Gather``. A language
-    model's embeddings are a sizeable share of a small model's bytes once its Linears are 4-bit."""
+    """An embedding table stored as int8 per row (symmetric, scale ``amax / 127``); a lookup
+    dequantizes the rows it gathers. A language model's embeddings are a sizeable share of a small
+    model's bytes once its Linears are 4-bit."""
 
     qweight: torch.Tensor
     scale: torch.Tensor
@@ -198,11 +197,12 @@ class Int8Embedding(nn.Module):
         scale = w.abs().amax(1).clamp(min=1e-12) / 127
         self.register_buffer("qweight", torch.round(w / scale[:, None]).to(torch.int8))
         self.register_buffer("scale", scale)
-        self.padding_idx = emb.padding_idx
         self.num_embeddings, self.embedding_dim = w.shape
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return F.embedding(idx, dequantize_const(self.qweight, self.scale, 0), self.padding_idx)
+        # gather the int8 rows, then dequantize only them: Gather, Cast, Mul in ONNX (a
+        # DequantizeLinear of the whole table would run on every call: ORT keeps it unfolded)
+        return self.qweight[idx].float() * self.scale[idx].unsqueeze(-1)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, int8 per row"
