@@ -113,7 +113,7 @@ def slimkit_rows(
             "ort_vs_sim": rep.export.notes[-1],
         }
         rows.append(row)
-        print(f"  slimkit {row['method']}: {row['metric']}", flush=True)
+        print(f"  slimkit {row['method']}: {row['metric']} ({tool_s:.1f} s)", flush=True)
     return rows
 
 
@@ -247,8 +247,8 @@ def bench_quality(quick: bool, tmp: Path) -> list[dict[str, Any]]:
     task = load_task("pycode_lm")
     xs, ys = task.test[: 64 if quick else 512]
     train_x = task.train[:][0]
-    picks = torch.linspace(0, len(train_x) - 1, 32 if quick else 64).long()
-    calib = list(train_x[picks].split(8))  # 4 / 8 batches of 8 windows of 128 bytes
+    picks = torch.linspace(0, len(train_x) - 1, 16 if quick else 64).long()
+    calib = list(train_x[picks].split(8))  # 2 / 8 batches of 8 windows of 128 bytes
     x1 = xs[:2]
     fp32 = tmp / "gpt_fp32.onnx"
     export_onnx(model, fp32, example_inputs=(x1,))
@@ -272,7 +272,7 @@ def bench_quality(quick: bool, tmp: Path) -> list[dict[str, Any]]:
     if not quick:
         settings += [(m, 4, g) for g in (32, 64) for m in ("rtn", "mse", "gptq", "awq")]
     rows += slimkit_rows(model, calib, ev, x1, tmp, settings)
-    rows += ort_peer_rows(fp32, ev, tmp, [128] if quick else [32, 64, 128], hqq=True)
+    rows += ort_peer_rows(fp32, ev, tmp, [128] if quick else [32, 64, 128], hqq=not quick)
     rows += nncf_rows(model, calib, ev, quick)
     return rows
 
@@ -351,7 +351,7 @@ def bench_speed(quick: bool, tmp: Path) -> tuple[list[dict[str, Any]], dict[str,
     )
     qz.process()
     qz.model.save_model_to_file(str(paths["onnxruntime int4 rtn g128 acc4"]))
-    runs = 20 if quick else 50
+    runs = 10 if quick else 50
     runners = {k: ort_runner(ort_session(p), [x]) for k, p in paths.items()}
     lat = measure_latency(runners, runs=runs, warmup=5, rounds=3)
     del runners  # idle ORT threads spin: PyTorch is timed once the sessions are gone
@@ -422,7 +422,7 @@ def bench_speed(quick: bool, tmp: Path) -> tuple[list[dict[str, Any]], dict[str,
 # --- Hugging Face coverage ---------------------------------------------------------------------
 
 
-def bench_hf(tmp: Path) -> list[dict[str, Any]]:
+def bench_hf(tmp: Path, quick: bool) -> list[dict[str, Any]]:
     try:
         import transformers
     except ImportError:
@@ -455,7 +455,7 @@ def bench_hf(tmp: Path) -> list[dict[str, Any]]:
         torch.manual_seed(0)
         model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
         ids = [torch.randint(0, 256, (4, 32)) for _ in range(4)]
-        for method in ("rtn", "gptq", "awq"):
+        for method in ("gptq",) if quick else ("rtn", "gptq", "awq"):
             q = sk.quantize(model, Int4(method=method, group_size=32), data=ids)  # type: ignore[arg-type]
             with torch.no_grad():
                 db = sqnr(model(ids[0]).logits, q(ids[0]).logits)
@@ -485,14 +485,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         print("quality on pycode_gpt", flush=True)
         quality = bench_quality(args.quick, Path(tmp))
-        print("decode speed", flush=True)
+        print(f"decode speed ({time.perf_counter() - t0:.0f} s)", flush=True)
         speed, speed_summary = bench_speed(args.quick, Path(tmp))
-        print("Hugging Face coverage", flush=True)
-        hf = bench_hf(Path(tmp))
+        print(f"Hugging Face coverage ({time.perf_counter() - t0:.0f} s)", flush=True)
+        hf = bench_hf(Path(tmp), args.quick)
     summary = summarise(quality, speed_summary)
     settings = {
         "threads": 2,
-        "calibration_windows": 32 if args.quick else 64,
+        "calibration_windows": 16 if args.quick else 64,
         "test_windows": 64 if args.quick else 512,
         "window_bytes": 128,
         "eval_runtime": "onnxruntime (slimkit and ORT rows), PyTorch (nncf rows)",
