@@ -68,3 +68,25 @@ def test_w3a8_qat_recovers_what_ptq_lost_and_runs_in_ort(tmp_path: Path) -> None
     assert rep.max_abs_err is not None and rep.max_abs_err < 1e-4  # ORT runs what QAT trained
     assert kernels.ops.get("QLinearConv", 0) >= 3
     assert not model.training and sum(p.requires_grad for p in model.parameters()) > 0
+
+
+@pytest.mark.slow
+def test_quantize_command_runs_qat_at_low_bits(tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from slimkit.cli import app
+
+    out = tmp_path / "q"
+    res = CliRunner().invoke(app, ["quantize", "zoo:digits_cnn", "--weight-bits", "4",
+                                   "--qat-epochs", "1", "--runs", "3", "--out", str(out),
+                                   "--json"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.output[res.output.index("{") :])
+    assert info["config"]["weight_bits"] == 4 and info["weight_bits"] == 4
+    assert info["kernels"]["integer"] > 0
+    assert "quant.qat" in (out / "recipe.yaml").read_text()
+    bad = CliRunner().invoke(app, ["quantize", "zoo:digits_cnn", "--weight-bits", "1", "--out",
+                                   str(tmp_path / "x")])  # fmt: skip
+    assert bad.exit_code == 2 and "2 to 8" in bad.output

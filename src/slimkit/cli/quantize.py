@@ -31,7 +31,16 @@ def quantize_cmd(
         4, min=0, max=4, help="weight-only: ORT MatMulNBits compute (4 = int8, fastest on CPU)"
     ),
     percentile: float = typer.Option(99.999, help="for --method percentile"),
-    weight_bits: str = typer.Option("auto", help="auto (8 with VNNI, else 7) | 7 | 8"),
+    weight_bits: str = typer.Option(
+        "auto", help="auto (8 with VNNI, else 7) | 2-8 (below 7: low-bit codes on int8 kernels)"
+    ),
+    qat_epochs: int = typer.Option(
+        0,
+        min=0,
+        help="quantization-aware training after PTQ, distilled from the float model "
+        "(zoo models: on the task's train split)",
+    ),  # fmt: skip
+    qat_lr: float = typer.Option(1e-3, min=0.0, help="learning rate of --qat-epochs"),
     num_batches: int = typer.Option(32, min=1, help="calibration batches"),
     weights: Path | None = typer.Option(None, help="safetensors weights for a factory model"),
     input_shape: str | None = typer.Option(None, help="e.g. 1,3,224,224 when slimkit can't know"),
@@ -72,14 +81,26 @@ def quantize_cmd(
                   "symmetric": symmetric, "accuracy_level": accuracy_level,
                   "num_batches": num_batches}  # fmt: skip
         return _weight_only_cmd(model, out, calib, fields, weights, input_shape, runs, json_out)
-    if weight_bits not in ("auto", "7", "8"):
+    if weight_bits not in ("auto", *map(str, range(2, 9))):
         raise ConfigError(
-            f"--weight-bits {weight_bits!r} is not one of auto, 7, 8",
-            fix="use auto (8 with VNNI, else 7), 7 or 8",
+            f"--weight-bits {weight_bits!r} is not auto or a number of bits from 2 to 8",
+            fix="use auto (8 with VNNI, else 7), 8, 7, or 2-6 for low-bit weights (e.g. 4)",
         )
     bits: Any = weight_bits if weight_bits == "auto" else int(weight_bits)
-    cfg = PTQ(calibration=method, percentile=percentile, weight_bits=bits, num_batches=num_batches,
-              float_prefix=float_prefix, speed_check=speed_check and float_prefix)  # fmt: skip
+    cfg: Any = PTQ(calibration=method, percentile=percentile, weight_bits=bits,
+                   num_batches=num_batches, float_prefix=float_prefix,
+                   speed_check=speed_check and float_prefix)  # fmt: skip
+    name = "quant.ptq"
+    if qat_epochs:
+        from slimkit.quant.ptq import resolve_weight_bits
+        from slimkit.quant.qat import QAT
+
+        if max_drop is not None:
+            raise ConfigError("--max-drop and --qat-epochs cannot be combined",
+                              fix="drop one: QAT trains every layer at --weight-bits")  # fmt: skip
+        cfg = QAT(cfg.replace(speed_check=False), weight_bits=resolve_weight_bits(bits),
+                  epochs=qat_epochs, lr=qat_lr)  # fmt: skip
+        name = "quant.qat"
     shape = parse_shape(input_shape) if input_shape else None
     rm = resolve_model(model, weights=weights, input_shape=shape, progress=not json_out)
     if calib is None and default_data(rm) is None:
@@ -92,7 +113,7 @@ def quantize_cmd(
             "--max-drop needs a metric: a zoo model with a bundled task",
             fix="in Python: quantize_with_fallback(model, data=..., metric=fn, max_drop=...)",
         )
-    step = Step("quant.ptq", cfg, max_drop=max_drop)
+    step = Step(name, cfg, max_drop=max_drop)
     recipe = Recipe.for_model(model, weights=weights, input_shape=shape, data=calib, batch_size=8,
                               steps=(step,))  # fmt: skip
     with stages(not json_out) as stage:
@@ -129,7 +150,8 @@ def quantize_cmd(
     rows = _rows(cmp, metrics, "int8")
     rows.append(["integer kernels / float compute ops", "-",
                  f"{kernels.integer} / {kernels.float_compute}"])  # fmt: skip
-    console.print(table(f"{rm.name}: int8 PTQ ({method}, {result['weight_bits']}-bit weights)",
+    how = f"QAT {qat_epochs} epochs" if qat_epochs else "PTQ"
+    console.print(table(f"{rm.name}: int8 {how} ({method}, {result['weight_bits']}-bit weights)",
                         ["", "float", "int8"], rows))  # fmt: skip
     speed = meta.get("speed", {})
     if "kept_float" in meta:  # int8 timed slower than the source: the float model, said so
