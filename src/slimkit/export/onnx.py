@@ -172,6 +172,8 @@ def export_onnx(
     ``exporter="torchscript"`` (default) is torch's tracing exporter: fast and stable for the
     layers slimkit produces. ``"dynamo"`` uses ``torch.export`` and onnxscript.
     Raises ``ExportError`` when export fails or ORT differs from PyTorch by more than ``atol``.
+    A quantized result of ``sk.quantize`` (int8 PTQ / QAT, weight-only int4) is exported as its
+    integer graph (``export.qdq.export_quantized``), checked against the simulation by SQNR.
     """
     args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     kwargs = dict(example_kwargs or {})
@@ -186,6 +188,14 @@ def export_onnx(
     from slimkit.core.io import check_writable
 
     check_writable(path, "ONNX file")  # before any compute
+    meta = getattr(model, "meta", None)
+    method = meta.get("slimkit", {}).get("method") if isinstance(meta, dict) else None
+    if check and method in ("quant.ptq", "quant.qat", "quant.int4"):
+        # integer graphs: QDQ / MatMulNBits, checked against their simulation by SQNR (ORT's
+        # integer arithmetic rounds differently from float, so an absolute tolerance is wrong)
+        from slimkit.export.qdq import export_quantized
+
+        return export_quantized(model, path, example_inputs=args, example_kwargs=kwargs)[0]
     was_training = model.training
     model.eval()
     try:
