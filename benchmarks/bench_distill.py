@@ -11,7 +11,7 @@ without a teacher (same epochs or steps, same seeds).
    about half the parameters (Minitron-style), distilled, vs the same architecture trained from
    scratch on the same number of tokens; held-out perplexity.
 
-    .venv/bin/python benchmarks/bench_distill.py            # full (about 15 minutes)
+    .venv/bin/python benchmarks/bench_distill.py            # full (about 20 minutes)
     .venv/bin/python benchmarks/bench_distill.py --quick    # about 2 minutes, 1 seed
 """
 
@@ -192,17 +192,17 @@ def gpt(steps: int) -> list[dict[str, Any]]:
 def main() -> None:
     args = parser("distill", __doc__).parse_args()
     t0 = start()
-    epochs, seeds, samples = (1, 1, 2000) if args.quick else (2, 3, 5000)
-    steps = 30 if args.quick else 300
-    rows = []
-    for part, fn in (
-        ("image", lambda: image(epochs, seeds, samples)),
-        ("text", lambda: text(steps)),
-        ("gpt", lambda: gpt(steps)),
-    ):
+    epochs, seeds, samples = (1, 1, 2000) if args.quick else (10, 3, 3000)
+    steps = 30 if args.quick else 150
+    settings = {"epochs": epochs, "seeds": seeds, "image_samples": samples, "steps": steps}
+    rows: list[dict[str, Any]] = []
+    parts = {"text": lambda: text(steps), "gpt": lambda: gpt(steps),
+             "image": lambda: image(epochs, seeds, samples)}  # fmt: skip
+    for part, fn in parts.items():
         t = time.perf_counter()
         rows += fn()
         print(f"{part}: {time.perf_counter() - t:.0f} s", file=sys.stderr)
+        write_result("distill", args, rows, {**settings, "parts_done": part}, t0)  # so far
     shown = [{**r, **{f"metric.{k}": v for k, v in r["metric"].items()}} for r in rows]
     print_table(
         "distillation: image (top-1, mean of seeds)",
@@ -231,7 +231,6 @@ def main() -> None:
         ],
         [r for r in shown if r["task"] == "gpt"],
     )
-    settings = {"epochs": epochs, "seeds": seeds, "image_samples": samples, "steps": steps}
     path = write_result("distill", args, rows, settings, t0)
     print(f"wrote {path}")
 
