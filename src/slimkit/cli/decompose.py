@@ -8,11 +8,12 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from slimkit.cli._ui import console, emit_json, err_console, friendly_errors, stages, table
+from slimkit.cli._steps import run_then_finetune
+from slimkit.cli._ui import console, emit_json, err_console, friendly_errors, table
 from slimkit.errors import ConfigError
 
 if TYPE_CHECKING:
-    from torch import nn
+    pass
 
 
 def _rank(text: str | None) -> int | float | None:
@@ -64,9 +65,8 @@ def decompose_cmd(
     from slimkit.core.registry import load_methods
     from slimkit.pipeline.artifact import write_metrics
     from slimkit.pipeline.measure import compare
-    from slimkit.pipeline.recipe import Finetune, Recipe, ScopeSpec, Step
+    from slimkit.pipeline.recipe import ScopeSpec, Step
     from slimkit.pipeline.refs import parse_shape, resolve_model
-    from slimkit.pipeline.runner import StepRecord, run
 
     configure_threads(2)
     name = f"lowrank.{method.strip().lower()}"
@@ -101,22 +101,10 @@ def decompose_cmd(
                 fix="use a zoo model with a task, or a recipe with `data:` (slimkit run)",
             )
         data = f"zoo:{rm.task}:calibration"
-    steps = [Step(name, cfg, ScopeSpec(exclude=list(exclude)) if exclude else None)]
-    if finetune_epochs:
-        steps.append(Step("finetune", Finetune(epochs=finetune_epochs, lr=1e-3, batch_size=64)))
-    recipe = Recipe.for_model(model, weights=weights, input_shape=shape, data=data,
-                              steps=tuple(steps))  # fmt: skip
-    oneshot: dict[str, float] = {}
-
-    def before_finetuning(record: StepRecord, factorised: nn.Module) -> None:
-        if finetune_epochs and record.name.startswith("lowrank."):
-            from slimkit.zoo import evaluate, load_task
-
-            oneshot.update(evaluate(factorised, load_task(str(rm.task))))
-
-    with stages(not json_out) as stage:
-        res = run(recipe, model=rm, out=out, progress=not json_out, on_step=before_finetuning,
-                  on_event=stage)  # fmt: skip
+    step = Step(name, cfg, ScopeSpec(exclude=list(exclude)) if exclude else None)
+    res, oneshot = run_then_finetune(step, model=model, rm=rm, out=out,
+                                     finetune_epochs=finetune_epochs, weights=weights,
+                                     shape=shape, data=data, json_out=json_out)  # fmt: skip
     with err_console.status("timing ONNX Runtime, dense vs factorised"):
         cmp = compare(res, labels=("dense", "factorised"), runs=runs, sqnr=rm.task is None,
                       task_on="torch", profile=True)  # fmt: skip

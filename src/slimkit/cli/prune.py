@@ -7,11 +7,12 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from slimkit.cli._ui import console, emit_json, err_console, friendly_errors, stages, table
+from slimkit.cli._steps import run_then_finetune
+from slimkit.cli._ui import console, emit_json, err_console, friendly_errors, table
 from slimkit.errors import ConfigError
 
 if TYPE_CHECKING:
-    from torch import nn
+    pass
 
 
 @friendly_errors
@@ -59,9 +60,8 @@ def prune_cmd(
     from slimkit.core.machine import channel_multiple, configure_threads
     from slimkit.pipeline.artifact import write_metrics
     from slimkit.pipeline.measure import compare
-    from slimkit.pipeline.recipe import Finetune, Recipe, Step
+    from slimkit.pipeline.recipe import Step
     from slimkit.pipeline.refs import parse_shape, resolve_model
-    from slimkit.pipeline.runner import StepRecord, run
     from slimkit.prune import Channel, pruning_record
     from slimkit.prune.auto import Target
 
@@ -88,22 +88,9 @@ def prune_cmd(
     else:
         step = Step("prune.channel", cfg)
         what = f"{ratio:.0%} of channels removed ({criterion})"
-    steps = [step]
-    if finetune_epochs:
-        steps.append(Step("finetune", Finetune(epochs=finetune_epochs, lr=1e-3, batch_size=64)))
-    recipe = Recipe.for_model(model, weights=weights, input_shape=shape, data=data,
-                              steps=tuple(steps))  # fmt: skip
-    oneshot: dict[str, float] = {}
-
-    def before_finetuning(record: StepRecord, pruned: nn.Module) -> None:
-        if finetune_epochs and record.name.startswith("prune."):
-            from slimkit.zoo import evaluate, load_task
-
-            oneshot.update(evaluate(pruned, load_task(str(rm.task))))
-
-    with stages(not json_out) as stage:
-        res = run(recipe, model=rm, out=out, progress=not json_out, on_step=before_finetuning,
-                  on_event=stage)  # fmt: skip
+    res, oneshot = run_then_finetune(step, model=model, rm=rm, out=out,
+                                     finetune_epochs=finetune_epochs, weights=weights,
+                                     shape=shape, data=data, json_out=json_out)  # fmt: skip
     with err_console.status("timing ONNX Runtime, dense vs pruned"):
         cmp = compare(res, labels=("dense", "pruned"), runs=runs, sqnr=False, task_on="torch",
                       profile=True)  # fmt: skip

@@ -118,6 +118,9 @@ def hint_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 @contextmanager
 def capture(model: nn.Module, names: Sequence[str], *, inputs: bool = False) -> Iterator[dict]:
     """Collect the outputs (or first inputs) of the named submodules during forward passes."""
+    if not names:
+        yield {}
+        return
     mods = dict(model.named_modules())
     missing = [n for n in names if n not in mods]
     if missing:

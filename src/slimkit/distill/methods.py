@@ -121,6 +121,19 @@ class DistillReport:
         return "; ".join(parts + self.notes)
 
 
+@dataclass
+class Extra:
+    """A feature or relation term: computed from what the named layers return (or receive, with
+    ``inputs``) during the one forward pass each model makes per training step."""
+
+    student_layers: list[str]
+    teacher_layers: list[str]
+    inputs: bool
+    term: Callable[[Any, dict[str, torch.Tensor], dict[str, torch.Tensor]], torch.Tensor]
+    pairs: list[tuple[str, str]] = field(default_factory=list)
+    embeddings: tuple[str, str] | None = None
+
+
 class _Trainee(nn.Module):
     """The student and the adapters trained with it (one module, so that the optimizer, the
     checkpoint and data-parallel training see every trained parameter)."""
@@ -189,18 +202,22 @@ def _loss_fn(
     teacher: nn.Module,
     decisions: list[Decision],
     use_targets: bool,
-    extra: Callable[[nn.Module, Batch], torch.Tensor] | None,
+    extra: Extra | None,
 ) -> Callable[[nn.Module, Any], torch.Tensor]:
     alpha = cfg.alpha if use_targets else 1.0
+    s_names, t_names = (extra.student_layers, extra.teacher_layers) if extra else ([], [])
+    inputs = extra.inputs if extra else False
 
     def loss(model: nn.Module, raw: Any) -> torch.Tensor:
         b = _normalise(raw)
-        out = b.run(model)
-        with torch.no_grad():
+        trainee = _unwrap(model)
+        with ft.capture(teacher, t_names, inputs=inputs) as t_got, torch.no_grad():
             ref = b.run(teacher)
+        with ft.capture(trainee.student, s_names, inputs=inputs) as s_got:
+            out = b.run(model)  # through the DDP wrapper, when there is one
         total = response_loss(out, ref, decisions, temperature=cfg.temperature)
         if extra is not None:
-            total = total + extra(model, b)
+            total = total + extra.term(trainee, s_got, t_got)
         if alpha < 1:
             (d,) = decisions
             student_out = dict(flatten_output(out))[d.name]
@@ -238,12 +255,11 @@ def _run(
     try:
         decisions, use_targets = decide(cfg, teacher, data)
         adapters: dict[str, nn.Module] = {}
-        extra, notes, info = None, [], None
+        extra: Extra | None = None
+        notes: list[str] = []
         if prepare is not None:
-            adapters, info, notes = prepare(out, teacher, _normalise(next(iter(data))))
+            adapters, extra, notes = prepare(out, teacher, _normalise(next(iter(data))))
         trainee = _Trainee(out, adapters)
-        if info is not None:
-            extra = info[0]
         loss = _loss_fn(cfg, teacher, decisions, use_targets, extra)
         val = (lambda m: val_fn(_unwrap(m).student)) if val_fn is not None else None
         result = fit(trainee, data, loss_fn=loss, epochs=cfg.epochs, lr=cfg.lr,
@@ -255,8 +271,8 @@ def _run(
         teacher.train(teacher_was)
     rep = DistillReport(decisions, train=result, alpha=cfg.alpha if use_targets else 1.0,
                         notes=notes)  # fmt: skip
-    if info is not None:
-        rep.pairs, rep.embeddings = info[1], info[2]
+    if extra is not None:
+        rep.pairs, rep.embeddings = extra.pairs, extra.embeddings
     return out, rep
 
 
@@ -285,20 +301,15 @@ def _prepare_features(cfg: Feature, student: nn.Module, teacher: nn.Module, b: B
     if not pairs:
         notes.append("no compatible layer pairs: response distillation only")
     adapters = {s: ft.Adapter(shapes_s[s], shapes_t[t]) for s, t in pairs}
-    s_names, t_names = [s for s, _ in pairs], [t for _, t in pairs]
 
-    def extra(model: nn.Module, b: Batch) -> torch.Tensor:
-        trainee = _unwrap(model)
-        with ft.capture(teacher, t_names) as t_got, torch.no_grad():
-            b.run(teacher)
-        with ft.capture(trainee.student, s_names) as s_got:
-            b.run(model)  # (the response term runs it again: hooks are cheap, clarity wins)
+    def term(trainee: _Trainee, s_got: dict[str, Any], t_got: dict[str, Any]) -> torch.Tensor:
         total = torch.zeros(())
         for s, t in pairs:
             total = total + ft.hint_loss(trainee.adapter(s)(s_got[s]), t_got[t])
         return cfg.feature_weight * total / max(len(pairs), 1)
 
-    return adapters, (extra, pairs, None), notes
+    s_names, t_names = [s for s, _ in pairs], [t for _, t in pairs]
+    return adapters, Extra(s_names, t_names, False, term, pairs=pairs), notes
 
 
 def _prepare_relations(cfg: Relation, student: nn.Module, teacher: nn.Module, b: Batch) -> Any:
@@ -314,20 +325,16 @@ def _prepare_relations(cfg: Relation, student: nn.Module, teacher: nn.Module, b:
     if cfg.kind == "contrastive":
         adapters["embedding"] = nn.Linear(s_dim, t_dim, bias=False)
 
-    def extra(model: nn.Module, b: Batch) -> torch.Tensor:
-        trainee = _unwrap(model)
-        with ft.capture(teacher, [t_layer], inputs=True) as t_got, torch.no_grad():
-            b.run(teacher)
-        with ft.capture(trainee.student, [s_layer], inputs=True) as s_got:
-            b.run(model)
+    def term(trainee: _Trainee, s_got: dict[str, Any], t_got: dict[str, Any]) -> torch.Tensor:
         s, t = s_got[s_layer], t_got[t_layer]
         if cfg.kind == "contrastive":
-            term = ft.contrastive_loss(s, t, trainee.adapter("embedding"))
+            value = ft.contrastive_loss(s, t, trainee.adapter("embedding"))
         else:
-            term = ft.rkd_loss(s, t, distance=cfg.distance, angle=cfg.angle)
-        return cfg.relation_weight * term
+            value = ft.rkd_loss(s, t, distance=cfg.distance, angle=cfg.angle)
+        return cfg.relation_weight * value
 
-    return adapters, (extra, [], (s_layer, t_layer)), []
+    extra = Extra([s_layer], [t_layer], True, term, embeddings=(s_layer, t_layer))
+    return adapters, extra, []
 
 
 _PREPARE: dict[str, Callable[..., Any]] = {

@@ -148,6 +148,19 @@ def max_abs_error(ref: Sequence[Any], out: Sequence[Any]) -> float:
     return worst
 
 
+def _integer_graph(model: nn.Module) -> bool:
+    """Whether ``model`` is the result of a method whose registry entry says it deploys as an
+    integer graph (``export="qdq"``: static int8 PTQ, QAT, weight-only int4)."""
+    meta = getattr(model, "meta", None)
+    method = meta.get("slimkit", {}).get("method") if isinstance(meta, dict) else None
+    if not isinstance(method, str):
+        return False
+    from slimkit.core.registry import load_methods
+
+    methods = load_methods()
+    return method in methods and methods.entry(method).meta.get("export") == "qdq"
+
+
 def export_onnx(
     model: nn.Module,
     path: str | Path,
@@ -188,11 +201,9 @@ def export_onnx(
     from slimkit.core.io import check_writable
 
     check_writable(path, "ONNX file")  # before any compute
-    meta = getattr(model, "meta", None)
-    method = meta.get("slimkit", {}).get("method") if isinstance(meta, dict) else None
-    if check and method in ("quant.ptq", "quant.qat", "quant.int4"):
-        # integer graphs: QDQ / MatMulNBits, checked against their simulation by SQNR (ORT's
-        # integer arithmetic rounds differently from float, so an absolute tolerance is wrong)
+    if check and _integer_graph(model):
+        # QDQ / MatMulNBits, checked against their simulation by SQNR (ORT's integer
+        # arithmetic rounds differently from float, so an absolute tolerance is wrong)
         from slimkit.export.qdq import export_quantized
 
         return export_quantized(model, path, example_inputs=args, example_kwargs=kwargs)[0]

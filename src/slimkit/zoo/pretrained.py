@@ -22,7 +22,7 @@ import sys
 import time
 import warnings
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -126,18 +126,11 @@ PRETRAINED.add(
         summary="text_classifier: which standard-library package a source snippet is from",
     ),
 )
-PRETRAINED.add(
+PRETRAINED.add(  # the same recipe with 4 layers: the teacher of bench_distill's depth student
     "pycode_classifier_deep",
-    Recipe(
-        model="text_classifier",
+    replace(
+        PRETRAINED.get("pycode_classifier"),
         model_kwargs={"num_classes": 8, "n_layer": 4},
-        task="pycode_cls",
-        epochs=1,  # the same recipe with 4 layers: the teacher of the half-depth student benchmark
-        lr=2e-3,
-        batch_size=32,
-        weight_decay=0.01,
-        warmup_steps=50,
-        grad_clip=1.0,
         summary="text_classifier with 4 layers on pycode_cls (bench_distill's depth teacher)",
     ),
 )
