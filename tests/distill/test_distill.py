@@ -4,6 +4,7 @@ adapters, relations, and the verb's guarantees (student copied, teacher untouche
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -153,3 +154,32 @@ def test_recover_after_pruning_distils_with_the_chosen_loss() -> None:
     res = sk.prune.recover(small, data, teacher=dense, epochs=2, lr=1e-3, progress=False)
     assert res.epochs_run == 2 and res.final_loss is not None
     assert not small.training
+
+
+def test_hugging_face_models_distil_and_train_quantized(tmp_path: Path) -> None:
+    """A Hugging Face BERT classifier built from a config: dict batches with labels, a
+    ``ModelOutput`` walked to its logits, the teacher left alone in train mode; QAT on the same
+    model ends as an integer graph that ONNX Runtime runs as simulated."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=200, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=64,
+                                  num_labels=3)  # fmt: skip
+    teacher = transformers.BertForSequenceClassification(cfg).train()
+    small = transformers.BertConfig(**{**cfg.to_dict(), "num_hidden_layers": 1})
+    student = transformers.BertForSequenceClassification(small).eval()
+    data = [{"input_ids": torch.randint(0, 200, (4, 16)),
+             "attention_mask": torch.ones(4, 16, dtype=torch.long),
+             "labels": torch.randint(0, 3, (4,))} for _ in range(6)]  # fmt: skip
+    before = copy.deepcopy(teacher.state_dict())
+    out = sk.distill(student, teacher, sk.distill.Response(epochs=1), data=data)
+    losses = sk.report(out).record["losses"]
+    assert [(d["output"], d["kind"]) for d in losses] == [("logits", "softmax")]
+    assert teacher.training and all(
+        torch.equal(before[k], v) for k, v in teacher.state_dict().items()
+    )
+    q = sk.quantize(teacher.eval(), sk.quant.QAT(weight_bits=4, epochs=1), data=data)
+    assert q.meta["slimkit"]["qat"]["layers"] > 0
+    feeds = {k: v for k, v in data[0].items() if k != "labels"}
+    rep = sk.export_onnx(q, tmp_path / "q.onnx", example_kwargs=feeds)
+    assert rep.max_abs_err is not None and rep.size_bytes > 0
