@@ -186,7 +186,9 @@ def export_onnx(
     layers slimkit produces. ``"dynamo"`` uses ``torch.export`` and onnxscript.
     Raises ``ExportError`` when export fails or ORT differs from PyTorch by more than ``atol``.
     A quantized result of ``sk.quantize`` (int8 PTQ / QAT, weight-only int4) is exported as its
-    integer graph (``export.qdq.export_quantized``), checked against the simulation by SQNR.
+    integer graph (``export.qdq.export_quantized``), checked against the simulation by SQNR;
+    low-bit codebook layers (``quant.lowbit``) keep their codes as UINT2 / UINT4 initializers
+    (``export.codebook``).
     """
     args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     kwargs = dict(example_kwargs or {})
@@ -233,6 +235,11 @@ def export_onnx(
         # the file appears at `path` only once exported and (with check) verified in ORT
         with atomic_path(dest) as tmp:
             _run_exporter(module, inputs, tmp, exporter, opset, in_names, out_names, dynamic_batch)
+            if any(getattr(m, "exports_codebook", False) for m in module.modules()):
+                from slimkit.export.codebook import pack_codebooks  # quant.lowbit: small codes
+
+                packed = pack_codebooks(tmp)
+                rep.notes += packed.notes if packed is not None else []
             rep.size_bytes = tmp.stat().st_size
             if check:
                 check_parity(module, tmp, inputs, dynamic_batch=dynamic_batch, atol=atol,
