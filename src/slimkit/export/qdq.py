@@ -18,6 +18,7 @@ from torch import nn
 
 from slimkit.export.onnx import ExportReport, export_onnx
 from slimkit.export.ort import ort_session
+from slimkit.export.packing import pack_weights
 
 INTEGER_OPS = frozenset({
     "QLinearConv", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat", "QGemm",
@@ -57,6 +58,17 @@ def kernel_report(onnx_path: str | Path) -> KernelReport:
     return KernelReport(dict(Counter(n.op_type for n in graph.node)))
 
 
+def packable(model: nn.Module) -> tuple[int | None, bool]:
+    """What ``model``'s export stores packed: the fewest weight bits of its integer layers when
+    4 or fewer (else None), and whether it has fp16-weight layers (``quant.mixed``)."""
+    from slimkit.quant.mixed import HalfLayer
+    from slimkit.quant.modules import QuantLayer
+
+    bits = [m.weight_bits for m in model.modules() if isinstance(m, QuantLayer)]
+    low = min(bits, default=8)
+    return (low if low <= 4 else None), any(isinstance(m, HalfLayer) for m in model.modules())
+
+
 def export_quantized(
     model: nn.Module,
     path: str | Path,
@@ -71,6 +83,8 @@ def export_quantized(
     land one step away; through a deep network those steps add up to small noise. So the check is
     the SQNR of ORT's output against the simulation (``min_sqnr_db``), and ``max_abs_err`` is
     reported. Raises ``ExportError`` below the bound (a kernel that saturates, a wrong scale).
+    Weights of 4 or 2 bits are stored packed, fp16 layers as FLOAT16 (``export.packing``; the
+    file's opset becomes 21 or 25 only when it holds such codes).
     """
     from slimkit.errors import ExportError
     from slimkit.export.onnx import _flatten, flat_io, parity_inputs
@@ -78,12 +92,18 @@ def export_quantized(
     from slimkit.testing.numerics import max_abs_err, sqnr
 
     module, flat, _, _ = flat_io(model, example_inputs, example_kwargs)
+    int_bits, fp16 = packable(model)
 
     def run(dynamic: bool) -> tuple[ExportReport, tuple[torch.Tensor, ...], list[Any], list[Any]]:
         rep = export_onnx(
             model, path, example_inputs=example_inputs, example_kwargs=example_kwargs,
             check=False, dynamic_batch=dynamic,
         )  # fmt: skip
+        if int_bits is not None or fp16:
+            packed = pack_weights(path, int_bits=int_bits, fp16=fp16)
+            rep.size_bytes = packed.bytes_after
+            rep.opset = packed.opset or rep.opset
+            rep.notes.append(packed.summary())
         inputs = parity_inputs(flat) if dynamic else flat
         with torch.no_grad():
             refs = _flatten(module(*inputs))

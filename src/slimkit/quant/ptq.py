@@ -71,6 +71,8 @@ class PTQ(Config):
     # auto: 8 with VNNI, else 7 (exact on ORT); 2-6: low-bit codes on the same int8 kernels
     # (W4A8: per-channel clipping chosen by squared error; pair with adaround for accuracy)
     weight_bits: Literal["auto"] | Annotated[int, Field(ge=2, le=8)] = "auto"
+    # per-layer weight bits by layer name, over weight_bits and the depthwise rule (quant.mixed)
+    layer_weight_bits: dict[str, Annotated[int, Field(ge=2, le=8)]] = Field(default_factory=dict)
     num_batches: int = Field(32, ge=1)  # calibration batches read from `data`
     fold_bn: bool = True
     bias_correction: bool = True  # remove the mean output shift of each layer (one extra pass)
@@ -100,14 +102,36 @@ def resolve_weight_bits(value: str | int) -> int:
     return int(value)
 
 
-def layer_bits(bits: int) -> Callable[[nn.Module, Any], int]:
-    """Per-layer weight bits: depthwise convs always get 8 (ORT's depthwise kernel accumulates
-    in 32 bits, measured exact with 8-bit weights on AVX2), every other layer ``bits``."""
+def layer_bits(
+    bits: int, per_layer: dict[nn.Module, int] | None = None
+) -> Callable[[nn.Module, Any], int]:
+    """Per-layer weight bits: a layer in ``per_layer`` gets its own (``PTQ.layer_weight_bits``,
+    see :func:`named_bits`), depthwise convs 8 (ORT's depthwise kernel accumulates in 32 bits,
+    measured exact with 8-bit weights on AVX2), every other layer ``bits``."""
 
     def choose(layer: nn.Module, _in_quant: Any) -> int:
+        if per_layer and layer in per_layer:
+            return per_layer[layer]
         return 8 if is_depthwise(layer) else bits
 
     return choose
+
+
+def named_bits(gm: nn.Module, names: dict[str, int]) -> dict[nn.Module, int]:
+    """``PTQ.layer_weight_bits`` (layer name -> bits) as layer module -> bits for ``layer_bits``;
+    a name that is not a Conv/Linear of ``gm`` is a ``ConfigError``."""
+    from slimkit.core.registry import did_you_mean
+    from slimkit.errors import ConfigError
+
+    modules = {n: m.layer if isinstance(m, sim.LeafInput) else m for n, m in gm.named_modules()}
+    layers = [n for n, m in modules.items() if isinstance(m, sim.WEIGHTED)]
+    for n in names:
+        if n not in layers:
+            hint = did_you_mean(n, layers)
+            raise ConfigError(f"layer_weight_bits names {n!r}, not a Conv/Linear of the model",
+                              fix=f"{hint + ' ' if hint else ''}use names like "
+                              f"{', '.join(layers[:3])} (model.named_modules())")  # fmt: skip
+    return {modules[n]: b for n, b in names.items()}
 
 
 def quantize_embeddings(
@@ -252,9 +276,10 @@ def quantize_ptq(
                 fix="calibrate with real, varied samples (not zeros or a single repeated input)",
             )
     bits = resolve_weight_bits(cfg.weight_bits)
+    choose = layer_bits(bits, named_bits(gm, cfg.layer_weight_bits))
     out = sim.convert(gm, plan, quants, stats, method=cfg.calibration,
-                      percentile=cfg.percentile, weight_bits=layer_bits(bits))  # fmt: skip
-    leaf_layers = dict(zip(leaves, sim.convert_leaves(leaves, layer_bits(bits)), strict=True))
+                      percentile=cfg.percentile, weight_bits=choose)  # fmt: skip
+    leaf_layers = dict(zip(leaves, sim.convert_leaves(leaves, choose), strict=True))
     if leaf_layers:
         notes["leaf_layers"] = ", ".join(leaf_layers)  # quantized inside submodules kept whole
     if cfg.adaround:  # learns the rounding, then corrects the biases on the learned weights
