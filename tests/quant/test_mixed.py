@@ -171,3 +171,29 @@ def test_a_recipe_step_runs_and_exports_packed(model, tmp_path: Path) -> None:
     assert res.quant_method == "quant.mixed" and res.export_kind == "qdq"
     assert (tmp_path / "a" / "model.onnx").stat().st_size <= 0.03e6
     assert res.kernels is not None and res.kernels.integer > 0
+
+
+def test_cli_writes_a_plan_under_the_budget_and_applies_it_back(tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from slimkit.cli import app
+
+    runner, plan = CliRunner(), tmp_path / "plan.yaml"
+    common = ["--runs", "2", "--num-batches", "4", "--json"]
+    res = runner.invoke(app, ["quantize", "zoo:digits_cnn", "--method", "mixed", "--max-size",
+                              "26KB", "--plan-out", str(plan), "--out", str(tmp_path / "a"),
+                              *common])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.stdout)
+    assert r["within_budget"] and (tmp_path / "a" / "model.onnx").stat().st_size <= 26_000
+    assert r["metrics"]["top1_mixed_ort"] > r["metrics"]["top1_float"] - 0.05  # measured -0.0
+    assert yaml.safe_load(plan.read_text())["layers"] == r["plan"]
+    res = runner.invoke(app, ["quantize", "zoo:digits_cnn", "--method", "mixed", "--plan",
+                              str(plan), "--out", str(tmp_path / "b"), *common])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["plan"] == r["plan"]
+    bad = runner.invoke(app, ["quantize", "zoo:digits_cnn", "--method", "mixed", "--max-size",
+                              "big", "--out", str(tmp_path / "c")])  # fmt: skip
+    assert bad.exit_code != 0 and "not a size" in bad.output

@@ -23,7 +23,8 @@ def quantize_cmd(
     method: str = typer.Option(
         "mse",
         help="int8 calibration: minmax | percentile | entropy | mse; or weight-only: int4 | "
-        "int4-rtn | int4-mse | int4-gptq | int4-awq | int8-rtn | int8-gptq",
+        "int4-rtn | int4-mse | int4-gptq | int4-awq | int8-rtn | int8-gptq; or mixed (a format "
+        "per layer under --max-size / --avg-bits, or --plan)",
     ),  # fmt: skip
     group_size: int = typer.Option(128, help="weight-only: input channels per scale (32/64/128)"),
     symmetric: bool = typer.Option(False, help="weight-only: no zero points"),
@@ -60,6 +61,12 @@ def quantize_cmd(
     ),  # fmt: skip
     runs: int = typer.Option(30, min=1, help="timed runs per latency round"),
     json_out: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+    max_size: str | None = typer.Option(
+        None, help="--method mixed: file size budget (0.5MB, 200KB)"
+    ),
+    avg_bits: float | None = typer.Option(None, help="--method mixed: mean bits per weight"),
+    plan: Path | None = typer.Option(None, help="--method mixed: apply this plan (YAML) exactly"),
+    plan_out: Path | None = typer.Option(None, help="--method mixed: write the chosen plan here"),
 ) -> None:
     """Quantize to int8 (ONNX Runtime integer kernels) and compare size, SQNR, accuracy, latency.
 
@@ -76,6 +83,10 @@ def quantize_cmd(
     from slimkit.quant.ptq import PTQ
 
     configure_threads(2)
+    if method.strip().lower() in ("mixed", "quant.mixed"):
+        budget = {"max_size": max_size, "avg_bits": avg_bits, "plan": plan, "plan_out": plan_out}
+        return _mixed_cmd(model, out, calib, weights, input_shape, runs, json_out, num_batches,
+                          budget)  # fmt: skip
     if _weight_only(method) is not None:
         fields = {**_weight_only(method), "group_size": group_size,  # type: ignore[dict-item]
                   "symmetric": symmetric, "accuracy_level": accuracy_level,
@@ -212,19 +223,12 @@ def _weight_only_cmd(
     """Weight-only int4 / int8 (``quant.int4``): the artifact's model.onnx runs MatMulNBits."""
     from slimkit.pipeline.artifact import write_metrics
     from slimkit.pipeline.measure import compare
-    from slimkit.pipeline.recipe import Recipe, Step
-    from slimkit.pipeline.refs import parse_shape, resolve_model
-    from slimkit.pipeline.runner import run
+    from slimkit.pipeline.recipe import Step
     from slimkit.quant.int4 import Int4
 
     cfg = Int4.from_dict(fields)
     label = f"int{cfg.bits}"
-    shape = parse_shape(input_shape) if input_shape else None
-    rm = resolve_model(model, weights=weights, input_shape=shape, progress=not json_out)
-    recipe = Recipe.for_model(model, weights=weights, input_shape=shape, data=calib, batch_size=8,
-                              steps=(Step("quant.int4", cfg),))  # fmt: skip
-    with stages(not json_out) as stage:
-        res = run(recipe, model=rm, out=out, progress=not json_out, on_event=stage)
+    rm, res = _run_step(model, out, calib, weights, input_shape, json_out, Step("quant.int4", cfg))
     with err_console.status(f"timing ONNX Runtime fp32 vs {label}"):
         cmp = compare(res, labels=("fp32", label), runs=runs)
     metrics = _metrics(cmp, label)
@@ -243,3 +247,74 @@ def _weight_only_cmd(
     console.print(table(title, ["", "float", label], rows))
     console.print(f"[dim]tool time {res.seconds:.1f} s; artifact in {out}/ "
                   "(recipe.yaml repeats it: slimkit run)[/]")  # fmt: skip
+
+
+def parse_size_mb(text: str) -> float:
+    """``"0.5MB"``, ``"200KB"``, ``"1.2GB"`` or a plain number of MB -> MB."""
+    from slimkit.errors import ConfigError
+
+    t = text.strip().upper().replace(" ", "")
+    for unit, mb in (("GB", 1e3), ("MB", 1.0), ("KB", 1e-3), ("B", 1e-6)):
+        if t.endswith(unit):
+            t, scale = t[: -len(unit)], mb
+            break
+    else:
+        scale = 1.0
+    try:
+        return float(t) * scale
+    except ValueError:
+        raise ConfigError(f"--max-size {text!r} is not a size",
+                          fix="write it like 0.5MB, 200KB or 0.5 (MB)") from None  # fmt: skip
+
+
+def _mixed_cmd(model: str, out: Path, calib: str | None, weights: Path | None,
+               input_shape: str | None, runs: int, json_out: bool, num_batches: int,
+               budget: dict[str, Any]) -> None:  # fmt: skip
+    """Mixed precision (``quant.mixed``): a format per layer under the budget, or a given plan;
+    prints the bit-width distribution and writes the plan (``--plan-out``)."""
+    from slimkit.pipeline.artifact import write_metrics
+    from slimkit.pipeline.measure import compare
+    from slimkit.pipeline.recipe import Step
+    from slimkit.quant.mixed import Mixed, save_plan
+
+    size, plan, plan_out = budget["max_size"], budget["plan"], budget["plan_out"]
+    cfg = Mixed(max_size_mb=parse_size_mb(size) if size else None, avg_bits=budget["avg_bits"],
+                plan=str(plan) if plan else None, num_batches=num_batches)  # fmt: skip
+    rm, res = _run_step(model, out, calib, weights, input_shape, json_out, Step("quant.mixed", cfg))
+    rec = res.steps[0].details
+    if plan_out is not None:
+        save_plan(rec, plan_out)
+    with err_console.status("timing ONNX Runtime fp32 vs mixed"):
+        cmp = compare(res, labels=("fp32", "mixed"), runs=runs)
+    metrics = _metrics(cmp, "mixed")
+    run_info = res.to_dict()
+    result = {"model": model, "method": "quant.mixed", "config": cfg.to_dict(),
+              "plan": rec["plan"], "bit_widths": rec["bit_widths"], "avg_bits": rec["avg_bits"],
+              "within_budget": rec["within_budget"], "tool_s": round(res.seconds, 2),
+              "size_mb": cmp.to_dict()["size_mb"], "latency_ms": cmp.to_dict()["latency_ms"],
+              "metrics": metrics, **{k: run_info[k] for k in ("machine", "versions")}}  # fmt: skip
+    write_metrics(out, {**result, "recipe": run_info["recipe"], "steps": run_info["steps"]})
+    if json_out:
+        emit_json(result)
+        return
+    console.print(table(f"{rm.name}: mixed precision", ["", "float", "mixed"],
+                        _rows(cmp, metrics, "mixed")))  # fmt: skip
+    console.print(rec["distribution"])
+    if plan_out is not None:
+        console.print(f"plan written to {plan_out} (edit it, then --plan {plan_out})")
+    console.print(f"[dim]tool time {res.seconds:.1f} s; artifact in {out}/[/]")
+
+
+def _run_step(model: str, out: Path, calib: str | None, weights: Path | None,
+              input_shape: str | None, json_out: bool, step: Any) -> tuple[Any, Any]:  # fmt: skip
+    """The resolved model and the run of a one-step recipe that writes the artifact ``out``."""
+    from slimkit.pipeline.recipe import Recipe
+    from slimkit.pipeline.refs import parse_shape, resolve_model
+    from slimkit.pipeline.runner import run
+
+    shape = parse_shape(input_shape) if input_shape else None
+    rm = resolve_model(model, weights=weights, input_shape=shape, progress=not json_out)
+    recipe = Recipe.for_model(model, weights=weights, input_shape=shape, data=calib, batch_size=8,
+                              steps=(step,))  # fmt: skip
+    with stages(not json_out) as stage:
+        return rm, run(recipe, model=rm, out=out, progress=not json_out, on_event=stage)
