@@ -251,3 +251,26 @@ def test_batchnorm_after_a_low_bit_conv_folds_into_its_scale(tmp_path: Path) -> 
     assert rep.max_abs_err is not None and rep.max_abs_err < 1e-5
     ops = {n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node}
     assert "BatchNormalization" not in ops and "Conv" in ops
+
+
+@pytest.mark.slow
+def test_quantize_command_runs_each_scheme_by_name(tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from slimkit.cli import app
+
+    out = tmp_path / "k"
+    res = CliRunner().invoke(app, ["quantize", "zoo:digits_cnn", "--method", "kmeans", "--bits",
+                                   "3", "--runs", "3", "--out", str(out), "--json"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.output[res.output.index("{") :])
+    assert info["experimental"] and info["config"]["scheme"] == "kmeans"
+    assert info["config"]["bits"] == 3 and info["float_layers"] == ["features.0.0", "fc"]
+    assert info["size_mb"]["kmeans 3-bit"] < info["size_mb"]["fp32"] / 3
+    assert info["metrics"]["top1_kmeans 3-bit_ort"] > 0.9  # measured 0.967 (float 0.994)
+    assert "quant.lowbit" in (out / "recipe.yaml").read_text()
+    bad = CliRunner().invoke(app, ["quantize", "zoo:digits_cnn", "--method", "binary", "--bits",
+                                   "2", "--out", str(tmp_path / "x")])  # fmt: skip
+    assert bad.exit_code != 0 and "bits: 1" in bad.output

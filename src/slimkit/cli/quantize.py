@@ -42,6 +42,15 @@ def quantize_cmd(
         "(zoo models: on the task's train split)",
     ),  # fmt: skip
     qat_lr: float = typer.Option(1e-3, min=0.0, help="learning rate of --qat-epochs"),
+    code_bits: int | None = typer.Option(
+        None, "--bits", help="--method binary | ternary | pow2 | kmeans (experimental): code bits"
+    ),
+    epochs: int = typer.Option(
+        0,
+        min=0,
+        help="--method binary | ternary | pow2 | kmeans: distilled fine-tune epochs (zoo models: "
+        "on the task's train split; learning rate --qat-lr)",
+    ),
     num_batches: int = typer.Option(32, min=1, help="calibration batches"),
     weights: Path | None = typer.Option(None, help="safetensors weights for a factory model"),
     input_shape: str | None = typer.Option(None, help="e.g. 1,3,224,224 when slimkit can't know"),
@@ -87,6 +96,10 @@ def quantize_cmd(
         budget = {"max_size": max_size, "avg_bits": avg_bits, "plan": plan, "plan_out": plan_out}
         return _mixed_cmd(model, out, calib, weights, input_shape, runs, json_out, num_batches,
                           budget)  # fmt: skip
+    lowbit = _method_fields(method, "quant.lowbit")  # experimental low-bit weights
+    if lowbit is not None:
+        fields = {**lowbit, "bits": code_bits, "epochs": epochs, "lr": qat_lr}
+        return _lowbit_cmd(model, out, calib, fields, weights, input_shape, runs, json_out)
     if _weight_only(method) is not None:
         fields = {**_weight_only(method), "group_size": group_size,  # type: ignore[dict-item]
                   "symmetric": symmetric, "accuracy_level": accuracy_level,
@@ -204,10 +217,62 @@ def _rows(cmp: Any, metrics: dict[str, Any], label: str) -> list[list[Any]]:
 
 def _weight_only(method: str) -> dict[str, Any] | None:
     """The ``quant.int4`` config fields ``method`` names (``int4-gptq``), or None."""
+    return _method_fields(method, "quant.int4")
+
+
+def _method_fields(method: str, registered: str) -> dict[str, Any] | None:
+    """The config fields that ``method`` (a name or alias) gives ``registered``, or None."""
     from slimkit.core.verbs import names
 
     hit = names("quant").get(method.strip().lower().replace("-", "_"))
-    return dict(hit[1]) if hit is not None and hit[0].name == "quant.int4" else None
+    return dict(hit[1]) if hit is not None and hit[0].name == registered else None
+
+
+def _lowbit_cmd(model: str, out: Path, calib: str | None, fields: dict[str, Any],
+                weights: Path | None, input_shape: str | None, runs: int,
+                json_out: bool) -> None:  # fmt: skip
+    """Binary / ternary / pow2 / k-means weights (``quant.lowbit``, experimental): the artifact's
+    model.onnx stores small integer codes; it runs as float weights (smaller, not faster)."""
+    from slimkit.pipeline.artifact import write_metrics
+    from slimkit.pipeline.measure import compare
+    from slimkit.pipeline.recipe import Recipe, Step
+    from slimkit.pipeline.refs import parse_shape, resolve_model
+    from slimkit.pipeline.runner import run
+    from slimkit.quant.nonuniform import LowBit
+
+    cfg = LowBit.from_dict(fields)
+    label = f"{cfg.scheme} {cfg.code_bits}-bit"
+    shape = parse_shape(input_shape) if input_shape else None
+    rm = resolve_model(model, weights=weights, input_shape=shape, progress=not json_out)
+    data = None  # fine-tuning trains on the task's train split, not on calibration samples
+    if cfg.epochs and calib is None and rm.task is not None:
+        from slimkit.zoo import load_task
+
+        data = load_task(rm.task).loader("train", 64, shuffle=True)
+    recipe = Recipe.for_model(model, weights=weights, input_shape=shape, data=calib, batch_size=8,
+                              steps=(Step("quant.lowbit", cfg),))  # fmt: skip
+    with stages(not json_out) as stage:
+        res = run(recipe, model=rm, data=data, out=out, progress=not json_out, on_event=stage)
+    with err_console.status(f"timing ONNX Runtime fp32 vs {label}"):
+        cmp = compare(res, labels=("fp32", label), runs=runs)
+    metrics = _metrics(cmp, label)
+    details, run_info = res.steps[0].details, res.to_dict()
+    result = {"model": model, "method": "quant.lowbit", "experimental": True,
+              "config": cfg.to_dict(), "tool_s": round(res.seconds, 2),
+              "size_mb": cmp.to_dict()["size_mb"], "latency_ms": cmp.to_dict()["latency_ms"],
+              "metrics": metrics, "float_layers": details.get("float_layers", []),
+              "onnx": res.onnx.to_dict() if res.onnx is not None else None,
+              **{k: run_info[k] for k in ("machine", "versions")}}  # fmt: skip
+    write_metrics(out, {**result, "recipe": run_info["recipe"], "steps": run_info["steps"]})
+    if json_out:
+        emit_json(result)
+        return
+    tuned = f", fine-tuned {cfg.epochs} epochs" if cfg.epochs else ""
+    console.print(table(f"{rm.name}: {label} weights{tuned} (experimental)",
+                        ["", "float", label], _rows(cmp, metrics, label)))  # fmt: skip
+    console.print(f"kept float (first / last): {', '.join(result['float_layers']) or 'none'}; "
+                  f"{details.get('note', '')}")  # fmt: skip
+    console.print(f"[dim]tool time {res.seconds:.1f} s; artifact in {out}/[/]")
 
 
 def _weight_only_cmd(
