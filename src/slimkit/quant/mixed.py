@@ -428,7 +428,17 @@ class _Fit:
         attempts = 0
         while attempts < 4:
             attempts += 1
-            formats = self.solve(budget, rest)
+            try:
+                formats = self.solve(budget, rest)
+            except ConfigError:
+                if best is not None:  # a plan that fits was measured: keep it
+                    break
+                if attempts > 1:  # with the rest measured, nothing fits
+                    raise
+                # the first estimate of the rest may be high: measure the smallest plan's file
+                formats = {n: min(c, key=c.__getitem__) for n, c in self.costs.items()}
+            if last is not None and formats == last[1]:
+                break  # the same plan again: nothing new to measure
             out = _apply(self.model, formats, self.cfg, self.batches, self.scope, self.int8_bits)
             size = _exported_size(out, self.batches[0])
             last = (out, formats, size)
@@ -438,13 +448,16 @@ class _Fit:
             if budget is None:
                 break
             measured = size - sum(self.costs[n][f] for n, f in formats.items()) + 64.0
-            new_rest = measured if fits else max(measured, rest + size - budget)
-            if fits and self.solve(budget, new_rest) == formats:
-                break
-            rest = new_rest
-        chosen = best or last
-        assert chosen is not None
-        return (*chosen, attempts)
+            rest = measured if fits else max(measured, rest + size - budget)
+        if best is None:
+            assert last is not None
+            if budget is not None:
+                raise ConfigError(
+                    f"no plan fitted max_size_mb={budget / 1e6:g} in {attempts} tries (the last "
+                    f"file was {last[2] / 1e6:.4g} MB)",
+                    fix="raise max_size_mb a little, or allow smaller formats (add int2)",
+                )
+        return (*(best or last), attempts)  # type: ignore[misc]
 
     def _cost(self, formats: dict[str, str]) -> float:
         return sum(self.sens[n][f] for n, f in formats.items())
