@@ -26,7 +26,8 @@ _LAZY = {
     "optimize": "slimkit.graph_opt:optimize",  # BN folding, constant folding, fusion
     "quantize": "slimkit.quant.verb:quantize",  # every quant.* method, by name or config
     "prune": "slimkit.prune",  # callable package: sk.prune(model, sk.prune.Channel(...))
-    "report": "slimkit.core.verbs:report",  # what any verb did: sk.report(result)
+    "report": "slimkit.report",  # callable package: sk.report(result), what any verb did
+    "report_html": "slimkit.report.html:report_html",  # sk.report_html(artifact_dir) -> Path
     "quant": "slimkit.quant",
     "decompose": "slimkit.lowrank:decompose",  # sk.decompose(model, "svd", ...)
     "lowrank": "slimkit.lowrank",
@@ -49,6 +50,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from slimkit.graph_opt import optimize
     from slimkit.graph_opt.bn_fold import fold_bn
     from slimkit.quant.verb import quantize
+    from slimkit.report.html import report_html
 
 
 def __getattr__(name: str) -> Any:
@@ -78,6 +80,7 @@ __all__ = [
     "quantize",
     "prune",
     "report",
+    "report_html",
     "measure_latency",
     "load",
     "zoo",

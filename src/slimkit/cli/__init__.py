@@ -10,13 +10,14 @@ slimkit hw measure|list   hardware profiles
 slimkit quantize|prune    compress a model; the artifact's recipe.yaml repeats it
 slimkit distill TEACHER   a smaller student trained by distillation
 slimkit run RECIPE        apply a recipe's steps, export, measure, write the artifact
+slimkit report DIR        the artifact's self-contained report.html
 """
 
 from __future__ import annotations
 
 import typer
 
-from slimkit.cli import analyze, bench, demo, export, hw, info, prune, quantize, run
+from slimkit.cli import analyze, bench, demo, export, hw, info, prune, quantize, report, run
 
 app = typer.Typer(
     name="slimkit",
@@ -35,6 +36,7 @@ app.command("prune")(prune.prune_cmd)
 app.command("distill")(__import__("slimkit.cli.distill", fromlist=["_"]).distill_cmd)
 app.command("decompose")(__import__("slimkit.cli.decompose", fromlist=["_"]).decompose_cmd)
 app.command("run")(run.run_cmd)
+app.command("report")(report.report_cmd)
 app.command("analyze")(analyze.analyze_cmd)
 app.add_typer(hw.hw_app, name="hw")
 
