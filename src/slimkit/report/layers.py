@@ -94,7 +94,11 @@ def write_layers(
     models = {"source": (source, "fp32")}
     if isinstance(result, nn.Module) and type(result).__name__ != "OrtModule":
         models["result"] = (result, result_dtype)
-    write_json(folder / LAYERS, layer_record(models, example_inputs))
+    record = layer_record(models, example_inputs)
+    if "result" not in models:
+        record["models"]["result"] = {"error": "the result is not a PyTorch model here (a "
+                                      "quantized artifact deploys as its model.onnx)"}  # fmt: skip
+    write_json(folder / LAYERS, record)
     if sensitivity:
         try:
             sens = cheap_sensitivity(source, example_inputs)

@@ -189,7 +189,7 @@ def pareto_chart(search: dict[str, Any]) -> str | None:
             ax.axvline(limits[x], ls="--", color="#16a34a", lw=1, label=f"limit {x}")
         if "metric" in limits:
             ax.axhline(limits["metric"], ls=":", color="#16a34a", lw=1, label="metric floor")
-        ax.set_xlabel(x.replace("_", " (") + ")")
+        ax.set_xlabel({"latency_ms": "latency (ms)", "size_mb": "size (MB)"}[x])
         ax.set_ylabel("metric (as run)")
         ax.grid(True, lw=0.3, alpha=0.5)
     axes[0].legend(fontsize=7, loc="best")
