@@ -35,6 +35,9 @@ _LAZY = {
     "measure_latency": "slimkit.analyze.latency:measure_latency",
     "load": "slimkit.core.artifacts:load",
     "run": "slimkit.pipeline.runner:run",  # sk.run("recipe.yaml", model=..., data=..., out=...)
+    "compress": "slimkit.search.compress:compress",  # sk.compress(model, sk.Constraints(...))
+    "Constraints": "slimkit.search.constraints:Constraints",
+    "search": "slimkit.search",
     "Scope": "slimkit.core.scope:Scope",
     "zoo": "slimkit.zoo",
     "errors": "slimkit.errors",
@@ -51,6 +54,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from slimkit.graph_opt.bn_fold import fold_bn
     from slimkit.quant.verb import quantize
     from slimkit.report.html import report_html
+    from slimkit.search.compress import compress
+    from slimkit.search.constraints import Constraints
 
 
 def __getattr__(name: str) -> Any:
@@ -70,8 +75,10 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "__version__",
+    "Constraints",
     "Scope",
     "analyze",
+    "compress",
     "errors",
     "export_onnx",
     "fold_bn",
