@@ -10,6 +10,7 @@ slimkit hw measure|list   hardware profiles
 slimkit quantize|prune    compress a model; the artifact's recipe.yaml repeats it
 slimkit distill TEACHER   a smaller student trained by distillation
 slimkit run RECIPE        apply a recipe's steps, export, measure, write the artifact
+slimkit compress MODEL    meet size / latency / quality goals: plan, search, measure in ORT
 slimkit report DIR        the artifact's self-contained report.html
 """
 
@@ -36,6 +37,7 @@ app.command("prune")(prune.prune_cmd)
 app.command("distill")(__import__("slimkit.cli.distill", fromlist=["_"]).distill_cmd)
 app.command("decompose")(__import__("slimkit.cli.decompose", fromlist=["_"]).decompose_cmd)
 app.command("run")(run.run_cmd)
+app.command("compress")(__import__("slimkit.cli.compress", fromlist=["_"]).compress_cmd)
 app.command("report")(report.report_cmd)
 app.command("analyze")(analyze.analyze_cmd)
 app.add_typer(hw.hw_app, name="hw")
