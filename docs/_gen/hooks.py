@@ -280,3 +280,8 @@ def render(markdown: str) -> str:
 
 def on_page_markdown(markdown: str, **_: Any) -> str:
     return render(markdown)
+
+
+def on_page_content(html: str, **_: Any) -> str:
+    """Docstrings introduce their examples reST-style (``text::``); markdown keeps the ``::``."""
+    return html.replace("::</p>", ":</p>")
