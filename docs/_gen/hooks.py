@@ -249,7 +249,7 @@ def bench_table(path: Path) -> str:
     if isinstance(data.get("summary"), dict):
         summary = {k: v for k, v in data["summary"].items() if not isinstance(v, (list, dict))}
         lines += ["Summary: " + "; ".join(f"{k} {_cell(v)}" for k, v in summary.items()), ""]
-    lines.append(_table(keys, [[r.get(k) for k in keys] for r in rows]))
+    lines.append(_table(keys, [[r.get(k) for k in keys] for r in rows]) if keys else "No rows.")
     return "\n".join(lines)
 
 
