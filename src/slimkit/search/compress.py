@@ -286,8 +286,8 @@ def _objective(ev: Evaluator, c: Constraints, src: Deployed, folder: Path) -> Ca
     import optuna
 
     def objective(trial: Any) -> tuple[float, float, float]:
-        trial.set_user_attr("worker", st.worker_id())
         params = ev.space.suggest(trial)
+        trial.set_user_attr("worker", st.worker_id())  # once its candidate is known
         try:
             o = ev.evaluate(params, folder / f"{trial.number:04d}")
         except Rejected as r:

@@ -43,6 +43,7 @@ def open_study(
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # trial notes say why
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    url = storage_url(url)
     if url.startswith("postgresql"):
         try:
             import psycopg2  # noqa: F401
@@ -54,22 +55,7 @@ def open_study(
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("sqlite"):
         kwargs["connect_args"] = {"timeout": 60}
-    try:
-        storage = optuna.storages.RDBStorage(
-            url,
-            engine_kwargs=kwargs,
-            heartbeat_interval=heartbeat_s,
-            grace_period=3 * heartbeat_s,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                max_retry=2
-            ),
-        )
-    except Exception as e:  # sqlalchemy / driver errors: name the URL and the cause
-        raise ConfigError(
-            f"cannot open the search storage {_safe(url)}: {str(e).splitlines()[0][:200]}",
-            fix="check the URL (sqlite:///path/search.db or "
-            "postgresql://user@host:port/db) and that the server runs",
-        ) from None
+    storage = _storage(url, kwargs, heartbeat_s)
     smp = _sampler(sampler, seed, population)
     for attempt in range(5):
         try:
@@ -83,6 +69,40 @@ def open_study(
         except optuna.exceptions.DuplicatedStudyError:  # another worker created it just now
             time.sleep(0.2 * (attempt + 1))
     return optuna.load_study(study_name=name, storage=storage, sampler=smp)
+
+
+def _storage(url: str, kwargs: dict[str, Any], heartbeat_s: int) -> Any:
+    """The RDB storage; workers starting together race to create its tables, so a failure is
+    tried again a few times before it is reported."""
+    import optuna
+
+    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)
+    for attempt in range(6):
+        try:
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=kwargs,
+                heartbeat_interval=heartbeat_s,
+                grace_period=3 * heartbeat_s,
+                heartbeat_stale_trial_callback=retry,
+            )
+        except Exception as e:  # sqlalchemy / driver errors: name the URL and the cause
+            if attempt < 5 and "exists" in str(e):
+                time.sleep(0.5 * (attempt + 1))
+                continue
+            raise ConfigError(
+                f"cannot open the search storage {_safe(url)}: {str(e).splitlines()[0][:200]}",
+                fix="check the URL (sqlite:///path/search.db or "
+                "postgresql://user@host:port/db) and that the server runs",
+            ) from None
+    raise AssertionError("unreachable")
+
+
+def storage_url(url: str) -> str:
+    """``postgresql://`` with the psycopg2 driver named (SQLAlchemy 2.1 defaults to psycopg 3)."""
+    if url.startswith(("postgresql://", "postgres://")):
+        return "postgresql+psycopg2://" + url.partition("://")[2]
+    return url
 
 
 def _safe(url: str) -> str:
