@@ -195,3 +195,13 @@ def test_default_widths_follow_the_cpu_channel_block() -> None:
         # a group narrower than two blocks rounds to half a block, so 16-wide groups can shrink
         assert after % (16 if before >= 32 else 8) == 0 or after == before
     assert _macs(small, x) < 0.55 * _macs(model, x)
+
+
+def test_report_of_a_direct_prune_to_target_call_rebuilds_its_target() -> None:
+    import slimkit as sk
+    from slimkit.prune.auto import Target, prune_to_target
+
+    model, x = _cnn()
+    small = prune_to_target(model, Target(macs=0.5), example_inputs=x)
+    rep = sk.report(small)
+    assert rep.method == "prune.auto" and rep.config == Target(macs=0.5).to_dict()

@@ -414,7 +414,10 @@ def _prune_to_target(
                            widths={keys[g]: w for g, w in widths.items()})  # fmt: skip
     record = pruning_record(small) or {}
     report["widths"] = {keys[g]: [u, widths[g]] for g, u in _units(p)}
-    set_record(small, {**record, "method": "prune.auto", "auto": report})
+    # the record names the method that ran and its own config (sk.report rebuilds it); the
+    # channel pruning it ran through keeps its config beside
+    set_record(small, {**record, "method": "prune.auto", "config": target.to_dict(),
+                       "channel_config": record.get("config"), "auto": report})  # fmt: skip
     return small
 
 

@@ -138,6 +138,17 @@ class QuantLayer(nn.Module):
             raise ValueError(f"weight codes must lie in -{qmax}..{qmax} ({self.weight_bits} bits)")
         self.w_q.copy_(codes.to(torch.int8))
 
+    def set_weight_scale(self, scale: torch.Tensor) -> None:
+        """A new per-channel weight scale; the codes re-rounded to nearest on it, the int32 bias
+        re-quantized."""
+        qmax = 2 ** (self.weight_bits - 1) - 1
+        self.w_scale.copy_(scale.to(self.w_scale.dtype))
+        w = self.float_layer.weight.detach().float()
+        s = self.w_scale.view((-1,) + (1,) * (w.dim() - 1))
+        self.w_q.copy_(torch.clamp(torch.round(w / s), -qmax, qmax).to(torch.int8))
+        if self.has_bias:
+            self.set_input_scale(self.input_scale)
+
     def weight(self) -> torch.Tensor:
         return dequantize_const(self.w_q, self.w_scale, 0)
 

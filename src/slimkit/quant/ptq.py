@@ -83,6 +83,10 @@ class PTQ(Config):
     # AdaRound iterations per layer (quant.adaround); 0 rounds to nearest. 50 is the useful value:
     # off by default for its 3-5x tool time (see the module docstring)
     adaround: int = Field(0, ge=0, le=100_000)
+    # block reconstruction iterations per block (quant.brecq, experimental): the rounding and
+    # biases of a block's layers learned together against the float block output, after
+    # AdaRound when both are set; kept only where the model's output error drops. 0: off
+    brecq: int = Field(0, ge=0, le=100_000)
     # embedding tables as int8 rows with a scale each (weight-only; BERT's file 34.8 -> ~12 MB)
     embeddings: bool = True
     # keep the model's first layers float where ORT runs them faster than int8, timed here
@@ -291,6 +295,11 @@ def quantize_ptq(
         layers = {t: out.get_submodule(t) for t in plan.weighted.values()}
         layers.update(leaf_layers)
         passes(out, lambda bs: bias_correction.correct(out, layers, bs))  # type: ignore[arg-type]
+    if cfg.brecq:  # then block by block: rounding and biases learned against the float block
+        from slimkit.quant.brecq import reconstruct
+
+        start = "codes" if cfg.adaround else "float"
+        notes["brecq"] = reconstruct(out, batches, iterations=cfg.brecq, start=start).summary()
     if cfg.embeddings:
         notes["int8_embeddings"] = ", ".join(quantize_embeddings(out, scope)) or "none"
     out.eval()
