@@ -171,3 +171,16 @@ def test_a_method_must_register_its_config_and_summary() -> None:
     reg.add("prune.mine", lambda model, config: model, config=_Unregistered, summary="x")
     reg.annotate("prune.mine", example={"ratio": 0.1})
     assert reg.entry("prune.mine").meta["example"] == {"ratio": 0.1}
+
+
+def test_a_config_field_given_as_a_keyword_sets_that_field() -> None:
+    model = c.tiny("mlp")
+    x, _ = c.inputs("mlp")
+    rep = sk.report(sk.prune(model, "magnitude", sparsity=0.3))
+    assert rep.config["sparsity"] == 0.3
+    student = c.tiny("mlp")
+    data = [x]  # unlabelled batches: the teacher is the target
+    out = sk.distill(student, model, "response", data=data, epochs=1, lr=1e-3)
+    assert sk.report(out).config["epochs"] == 1 and sk.report(out).config["lr"] == 1e-3
+    with pytest.raises(ConfigError, match="sparsity"):  # the field is validated like the config
+        sk.prune(model, "magnitude", sparsity=2.0)

@@ -291,6 +291,12 @@ def dispatch(
     entry, cfg = resolve(technique, config)
     params = dict(list(inspect.signature(entry.obj).parameters.items())[2:])
     example = _as_inputs(example_inputs) if example_inputs is not None else None
+    # a config field given as a keyword (sk.distill(s, t, "response", epochs=1)) sets that field
+    own = type(cfg).model_fields
+    fields = {k: options.pop(k) for k in list(options)
+              if k not in params and k in own and options[k] is not None}  # fmt: skip
+    if fields:
+        cfg = cfg.replace(**fields)
     given: dict[str, Any] = {"data": data, "example_inputs": example, "scope": scope, **options}
     notes: list[str] = []
     kwargs: dict[str, Any] = {}
@@ -301,9 +307,11 @@ def dispatch(
             kwargs[key] = value
         elif key != "data" and key != "example_inputs":
             takes = ", ".join(f"{k}=" for k in params) or "no keyword arguments"
+            own = ", ".join(type(cfg).model_fields) or "none"
             raise ConfigError(
                 f"{entry.name} does not take {key}=",
-                fix=f"it takes {takes}; drop {key}= (or choose a method that takes it)",
+                fix=f"it takes {takes} and its config's fields ({own}); drop {key}= (or "
+                "choose a method that takes it)",
             )
     was = {n: m.training for n, m in model.named_modules()}
     before, inherited = measure(model), method_record(model)

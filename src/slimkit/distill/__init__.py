@@ -41,8 +41,9 @@ def distill(
 ) -> nn.Module:
     """A copy of ``student`` trained to match ``teacher`` on ``data`` (neither is modified).
 
-    ``config`` is a registered ``distill.*`` name or config object; ``options`` go to the method
-    (``epochs``, ``lr``, ``checkpoint``, ``val_fn``, ...). ``sk.report(result)`` says what loss was
+    ``config`` is a registered ``distill.*`` name or config object; ``options`` are the config's
+    fields (``epochs``, ``lr``, ``alpha``, ...) or the method's own keywords (``checkpoint``,
+    ``val_fn``, ``inplace``, ...). ``sk.report(result)`` says what loss was
     used and how training went."""
     if not isinstance(teacher, nn.Module):
         raise ConfigError(
