@@ -24,7 +24,7 @@ def test_decompose_writes_an_artifact_that_reloads_and_reruns(tmp_path: Path) ->
     assert r["params"]["factorised"] < 0.7 * r["params"]["dense"]
     assert r["macs"]["factorised"] < r["macs"]["dense"]
     assert r["rule"] == "rank 0.5" and {row["kind"] for row in r["layers"]} == {"svd"}
-    assert {"model.safetensors", "lowrank.json", "model.onnx", "recipe.yaml"} <= {
+    assert {"model.safetensors", "lowrank.json", "model.onnx", "recipe.yaml", "report.html"} <= {
         p.name for p in out.iterdir()
     }
     back = sk.load(out, model=create_model("cnn_bn"))

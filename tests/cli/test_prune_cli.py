@@ -23,7 +23,7 @@ def test_prune_writes_a_reloadable_artifact(tmp_path: Path) -> None:
     r = json.loads(res.stdout)
     assert r["params"]["pruned"] < 0.5 * r["params"]["dense"]
     assert r["macs"]["pruned"] < 0.5 * r["macs"]["dense"]
-    assert {"model.safetensors", "pruning.json", "model.onnx", "metrics.json"} <= {
+    assert {"model.safetensors", "pruning.json", "model.onnx", "metrics.json", "report.html"} <= {
         p.name for p in out.iterdir()
     }
     small = load_pruned(out, model=create_model("residual"))

@@ -25,7 +25,8 @@ def test_quantize_random_zoo_model_writes_artifact(tmp_path: Path) -> None:
     assert r["metrics"]["sqnr_db"] > 30.0  # held-out random inputs; measured ~45 dB
     assert r["size_mb"]["int8"] > 0  # tiny model: QDQ metadata outweighs the 1.6k weights
     assert {p.name for p in out.iterdir()} == {"model.onnx", "model.safetensors", "recipe.yaml",
-                                              "metrics.json"}  # fmt: skip
+                                              "metrics.json", "report.html",
+                                              "layers.json"}  # fmt: skip
     recipe = yaml.safe_load((out / "recipe.yaml").read_text())
     assert recipe["steps"][0]["quant.ptq"]["calibration"] == "mse"
     # the recipe pins the timed choice, so running it again gives this artifact

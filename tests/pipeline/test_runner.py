@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -51,7 +52,12 @@ def test_artifact_reloads_and_stale_files_go(tmp_path: Path) -> None:
     out = tmp_path / "a"
     res = sk.run({"model": "zoo:cnn_bn", "steps": [{"prune.channel": {"ratio": 0.5}}]}, out=out)
     assert {p.name for p in out.iterdir()} == {"model.safetensors", "pruning.json", "model.onnx",
-                                              "recipe.yaml", "metrics.json"}  # fmt: skip
+                                              "recipe.yaml", "metrics.json", "report.html",
+                                              "layers.json"}  # fmt: skip
+    # the per-layer sensitivity costs seconds: left for `slimkit report DIR`
+    assert json.loads((out / "layers.json").read_text())["sensitivity"] == "deferred"
+    page = (out / "report.html").read_text()
+    assert '<section id="roofline">' in page and "prune.channel" in page
     back = sk.load(out, model=create_model("cnn_bn"))
     (x,) = example_inputs("cnn_bn", batch=3)
     with torch.no_grad():

@@ -2,9 +2,11 @@
 
 An artifact directory holds ``model.safetensors`` (plus ``pruning.json`` for a pruned model),
 ``model.onnx`` when exported, ``recipe.yaml`` (the run with every choice pinned: ``slimkit run``
-repeats it) and ``metrics.json``. Each file is written atomically (temporary file + rename); files
-a previous run left in the folder that this run did not write (a ``pruning.json`` under a now
-quantized model) are removed, so the folder always describes one model.
+repeats it), ``metrics.json`` and ``report.html`` (``slimkit.report``, with ``layers.json``;
+``slimkit report DIR`` adds ``sensitivity.json``).
+Each file is written atomically (temporary file + rename); files a previous run left in the folder
+that this run did not write (a ``pruning.json`` under a now quantized model) are removed, so the
+folder always describes one model.
 
 ``load(dir, model=original)`` (``slimkit.load``) reloads any artifact into a fresh copy of the
 original architecture:
@@ -164,6 +166,32 @@ def _write_files(result: RunResult, d: Path) -> None:
     write_json(d / "metrics.json", result.to_dict())
     for name in set(FILES) - {*written, "recipe.yaml", "metrics.json"}:
         (d / name).unlink(missing_ok=True)
+    _report(result, d)
+
+
+def _report(result: RunResult, d: Path) -> None:
+    """report.html + layers.json; warns, never fails the run. The per-layer sensitivity, and the
+    per-layer roofline of a model over 40 layers or 5 M parameters, cost seconds per write: they
+    are left for ``slimkit report DIR``."""
+    import warnings
+
+    from slimkit.report import try_report
+    from slimkit.report.layers import is_small
+
+    try:
+        inputs = result.example_inputs(1)
+        small = is_small(result.source.model)
+    except Exception as e:  # no example inputs: the page without the per-layer record
+        warnings.warn(f"report.html has no per-layer record: {e}", stacklevel=3)
+        small = False
+    if not small:  # a previous run's record would describe another model
+        for name in ("layers.json", "sensitivity.json"):
+            (d / name).unlink(missing_ok=True)
+        try_report(d)
+        return
+    dtype = "int8" if result.quant_method else "fp32"
+    try_report(d, source=result.source.model, result=result.model, example_inputs=inputs,
+               result_dtype=dtype, sensitivity=False)  # fmt: skip
 
 
 def save_model(model: nn.Module, directory: Path, *, method: str | None = None) -> list[str]:
@@ -268,5 +296,8 @@ def load(directory: PathLike, *, model: nn.Module) -> nn.Module:
 
 
 def write_metrics(out: PathLike, metrics: dict[str, Any]) -> None:
-    """(Re)write ``metrics.json`` of an artifact (atomically)."""
+    """(Re)write ``metrics.json`` of an artifact (atomically), and its report.html."""
     write_json(Path(out) / "metrics.json", metrics)
+    from slimkit.report import try_report
+
+    try_report(out)

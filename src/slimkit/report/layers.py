@@ -10,6 +10,8 @@ again later from the folder alone (``slimkit report DIR``)::
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ import torch
 from torch import nn
 
 from slimkit.core.io import write_json
-from slimkit.report.collect import LAYERS, SENSITIVITY
+from slimkit.report.collect import LAYERS, SENSITIVITY, read_json
 
 SENSITIVITY_CHANGES = ("int8", "prune50")
 MAX_SENSITIVITY_LAYERS = 40  # above this the per-layer trials are not "cheap": skipped
@@ -26,12 +28,29 @@ MAX_SENSITIVITY_PARAMS = 5_000_000
 
 def report_hardware() -> Any:
     """This machine's profile: the cached measurement when there is one, else a quick one
-    (about 1.5 s; not cached, so ``slimkit hw measure`` still owns the cache)."""
-    from slimkit.analyze.hardware import _cache_file, load_profile, measure_hardware
+    (about 1.5 s, measured once per machine: every artifact write draws a roofline). The quick
+    one is cached beside, not as, the measured profile: ``slimkit hw measure`` owns that."""
+    from slimkit.analyze.hardware import _cache_file, load_profile
 
     if _cache_file(2).is_file():
         return load_profile("this")
-    return measure_hardware(2, quick=True)
+    return _quick_hardware(_cache_file(2))
+
+
+@functools.cache
+def _quick_hardware(measured: Path) -> Any:
+    from slimkit.analyze.hardware import HardwareProfile, measure_hardware
+
+    path = measured.with_name(measured.stem + "-quick.yaml")
+    try:
+        return HardwareProfile.from_yaml(path)
+    except Exception:  # absent or unreadable: measure again
+        pass
+    hw = measure_hardware(2, quick=True)
+    with contextlib.suppress(OSError):  # a read-only cache only costs the next run 1.5 s
+        path.parent.mkdir(parents=True, exist_ok=True)
+        hw.to_yaml(path)
+    return hw
 
 
 def _hw_dict(hw: Any) -> dict[str, Any]:
@@ -65,16 +84,24 @@ def layer_record(
     return out
 
 
+def is_small(model: nn.Module) -> bool:
+    """Up to 40 conv / linear layers and 5 M parameters: per-layer work on it takes well under
+    a second (the artifact write profiles only such models; ``slimkit report DIR`` any)."""
+    from slimkit.analyze.sensitivity import LAYER_TYPES
+
+    layers = sum(isinstance(m, LAYER_TYPES) for m in model.modules())
+    params = sum(p.numel() for p in model.parameters())
+    return 0 < layers <= MAX_SENSITIVITY_LAYERS and params <= MAX_SENSITIVITY_PARAMS
+
+
 def cheap_sensitivity(
     model: nn.Module, example_inputs: tuple[torch.Tensor, ...]
 ) -> dict[str, Any] | None:
     """SQNR of the output with one conv / linear changed at a time (int8, half the channels),
     on ``example_inputs``; None when the model is too large for that to be cheap."""
-    from slimkit.analyze.sensitivity import LAYER_TYPES, sensitivity
+    from slimkit.analyze.sensitivity import sensitivity
 
-    layers = [m for m in model.modules() if isinstance(m, LAYER_TYPES)]
-    params = sum(p.numel() for p in model.parameters())
-    if not layers or len(layers) > MAX_SENSITIVITY_LAYERS or params > MAX_SENSITIVITY_PARAMS:
+    if not is_small(model):
         return None
     res = sensitivity(model, example_inputs=example_inputs, changes=SENSITIVITY_CHANGES,
                       progress=False)  # fmt: skip
@@ -90,7 +117,9 @@ def write_layers(
     result_dtype: str = "fp32",
     sensitivity: bool = True,
 ) -> None:
-    """Write ``layers.json`` (and, when cheap, ``sensitivity.json``) into ``folder``."""
+    """Write ``layers.json`` (and, when cheap, ``sensitivity.json``) into ``folder``. Without
+    ``sensitivity`` (artifact writes: it costs seconds) layers.json marks it deferred and the
+    next ``slimkit report DIR`` computes it."""
     models = {"source": (source, "fp32")}
     if isinstance(result, nn.Module) and type(result).__name__ != "OrtModule":
         models["result"] = (result, result_dtype)
@@ -98,16 +127,26 @@ def write_layers(
     if "result" not in models:
         record["models"]["result"] = {"error": "the result is not a PyTorch model here (a "
                                       "quantized artifact deploys as its model.onnx)"}  # fmt: skip
+    record["sensitivity"] = "computed" if sensitivity else "deferred"
     write_json(folder / LAYERS, record)
     if sensitivity:
-        try:
-            sens = cheap_sensitivity(source, example_inputs)
-        except Exception:  # a model the trials cannot change: the report says none was recorded
-            sens = None
-        if sens is not None:
-            write_json(folder / SENSITIVITY, sens)
-        else:  # none this time: a previous run's file would describe another model
-            (folder / SENSITIVITY).unlink(missing_ok=True)
+        write_sensitivity(folder, source, example_inputs)
+    else:  # a previous run's file would describe another model
+        (folder / SENSITIVITY).unlink(missing_ok=True)
+
+
+def write_sensitivity(
+    folder: Path, source: nn.Module, example_inputs: tuple[torch.Tensor, ...]
+) -> None:
+    """Write ``sensitivity.json`` when it is cheap, else remove a previous run's."""
+    try:
+        sens = cheap_sensitivity(source, example_inputs)
+    except Exception:  # a model the trials cannot change: the report says none was recorded
+        sens = None
+    if sens is not None:
+        write_json(folder / SENSITIVITY, sens)
+    else:
+        (folder / SENSITIVITY).unlink(missing_ok=True)
 
 
 def layers_from_artifact(folder: Path, *, progress: bool = False) -> str | None:
@@ -120,7 +159,8 @@ def layers_from_artifact(folder: Path, *, progress: bool = False) -> str | None:
     from slimkit.pipeline.recipe import Recipe
     from slimkit.pipeline.refs import resolve_model
 
-    if (folder / LAYERS).is_file():
+    done = read_json(folder / LAYERS)
+    if done is not None and done.get("sensitivity") != "deferred":
         return None
     if not (folder / "recipe.yaml").is_file():
         return "no recipe.yaml names the model"
@@ -131,6 +171,10 @@ def layers_from_artifact(folder: Path, *, progress: bool = False) -> str | None:
             return "the recipe names no model (it was a Python object)"
         src = resolve_model(str(ref), weights=rec.path(rec.weights), input_shape=rec.input_shape,
                             progress=progress)  # fmt: skip
+        if done is not None:  # the artifact write profiled the layers, left the sensitivity
+            write_sensitivity(folder, src.model, src.inputs(1))
+            write_json(folder / LAYERS, {**done, "sensitivity": "computed"})
+            return None
         try:
             result: nn.Module | None = load(folder, model=src.model)
         except SlimkitError:  # quantized: its deployable form is the ONNX file

@@ -209,6 +209,9 @@ def compress(
         "message": res.message,
     }
     write_json(folder / "search.json", res.search)
+    from slimkit.report import try_report
+
+    try_report(folder)  # drawn again with the Pareto front (also when no candidate met the goals)
     return res
 
 
@@ -354,6 +357,11 @@ def _rebuild(
             v <= 0 for v in c.violations(deployed.values(), src.metric).values()
         ),
     }
+    # the report's source-vs-result cards (its metric rows read the test split: the search's
+    # val metric stays in search.json)
+    info["measured"] = {"size_mb": {"source": src.size_mb, "result": deployed.size_mb}}
+    if c.batch == 1:
+        info["measured"]["latency_ms"] = {"source": src.latency_ms, "result": deployed.latency_ms}
     write_metrics(folder, info)
     return deployed
 
