@@ -4,7 +4,9 @@ external references, text drawn as paths so no font is needed to read it."""
 
 from __future__ import annotations
 
+import functools
 import io
+import json
 import math
 from typing import Any
 
@@ -57,6 +59,14 @@ def compare_chart(cmp: Compared) -> str | None:
 def roofline_chart(record: dict[str, Any]) -> str | None:
     """Each layer of the source (hollow) and the result (filled) at its arithmetic intensity
     and the performance its bound allows, under the roofs of the hardware profile."""
+    # drawn once per layers.json: a command draws the report when it writes the artifact and
+    # again when it adds its measurements, from the same per-layer record
+    return _roofline_svg(json.dumps(record, sort_keys=True, default=str))
+
+
+@functools.lru_cache(maxsize=4)
+def _roofline_svg(record_json: str) -> str | None:
+    record = json.loads(record_json)
     hw = record.get("hardware") or {}
     models = {k: v for k, v in (record.get("models") or {}).items() if v.get("layers")}
     bw = hw.get("mem_bandwidth_gbs")
