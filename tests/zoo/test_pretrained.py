@@ -74,12 +74,27 @@ def test_cache_key_follows_recipe_and_python_version(monkeypatch: pytest.MonkeyP
 
 
 def test_registry_and_default_cache_dir(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert zp.PRETRAINED.names() == ["digits_cnn", "shapes_cnn", "pycode_gpt", "pycode_classifier",
+    assert zp.PRETRAINED.names() == ["digits_cnn", "shapes_cnn", "shapes_resnet18",
+                                     "shapes_mobilenetv2", "pycode_gpt", "pycode_classifier",
                                      "pycode_classifier_deep"]  # fmt: skip
     with pytest.raises(RegistryError, match="did you mean 'digits_cnn'"):
         zp.pretrained("digit_cnn")
     monkeypatch.delenv("SLIMKIT_CACHE_DIR", raising=False)
     assert "slimkit" in str(zp.cache_dir())
+
+
+@pytest.mark.parametrize("name", ["shapes_resnet18", "shapes_mobilenetv2"])
+def test_bench_pipeline_recipes_build_narrow_models(name: str) -> None:
+    # built, never trained here: bench_pipeline trains them (minutes each on 2 threads)
+    recipe = zp.PRETRAINED.get(name)
+    model = zp._build(recipe).eval()
+    with torch.no_grad():
+        out = model(torch.rand(2, 3, 32, 32))
+    assert out.shape == (2, 10)
+    default = zp.create_model(recipe.model)
+    assert sum(p.numel() for p in model.parameters()) < 0.35 * sum(
+        p.numel() for p in default.parameters()
+    )  # narrowed: 0.70 M vs 11.2 M (ResNet), 0.41 M vs 2.24 M (MobileNetV2)
 
 
 # The bigger models train once per machine into the user cache (SLIMKIT_CACHE_DIR overrides it):

@@ -94,6 +94,30 @@ PRETRAINED.add(
         summary="small_cnn on the generated 32x32 shapes",
     ),
 )
+# bench_pipeline's CNNs: narrow enough to train in minutes on 2 threads (not trained by any test)
+PRETRAINED.add(
+    "shapes_resnet18",
+    Recipe(
+        model="resnet18_cifar",
+        model_kwargs={"width_mult": 0.25},  # widths 16-32-64-128, 35 M MACs
+        task="shapes",
+        epochs=4,
+        lr=3e-3,
+        batch_size=64,
+        weight_decay=5e-4,
+        summary="resnet18_cifar at width 0.25 on the generated 32x32 shapes",
+    ),
+)
+PRETRAINED.add(
+    "shapes_mobilenetv2",
+    replace(
+        PRETRAINED.get("shapes_resnet18"),
+        model="mobilenetv2_cifar",
+        model_kwargs={"width_mult": 0.35},  # 16 M MACs (its 1280-wide last conv kept)
+        epochs=3,
+        summary="mobilenetv2_cifar at width 0.35 on the generated 32x32 shapes",
+    ),
+)
 PRETRAINED.add(
     "pycode_gpt",
     Recipe(
