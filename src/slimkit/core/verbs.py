@@ -307,10 +307,10 @@ def dispatch(
             kwargs[key] = value
         elif key != "data" and key != "example_inputs":
             takes = ", ".join(f"{k}=" for k in params) or "no keyword arguments"
-            own = ", ".join(type(cfg).model_fields) or "none"
+            fields_text = ", ".join(type(cfg).model_fields) or "none"
             raise ConfigError(
                 f"{entry.name} does not take {key}=",
-                fix=f"it takes {takes} and its config's fields ({own}); drop {key}= (or "
+                fix=f"it takes {takes} and its config's fields ({fields_text}); drop {key}= (or "
                 "choose a method that takes it)",
             )
     was = {n: m.training for n, m in model.named_modules()}
