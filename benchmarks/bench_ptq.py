@@ -9,10 +9,19 @@ not), since int8 speed and correctness depend on them.
 
     python benchmarks/bench_ptq.py --quick     # about a minute: 32x32 CNNs + encoder, fewer runs
     python benchmarks/bench_ptq.py             # ResNet-18, MobileNetV2 at 224 and the encoder
+    python benchmarks/bench_ptq.py --w4a8      # 4-bit weights, int8 kernels: results/ptq_w4a8.json
+
+W4A8 (``--w4a8``): 4-bit weight codes (per channel; depthwise convs keep 8) with uint8 activations
+run on ORT's int8 kernels, the file storing the codes as INT4. Rows: round-to-nearest on the
+weight-MSE clipping (RTN), AdaRound (learned rounding on an output-error-chosen scale), and block
+reconstruction (``brecq``: rounding and biases learned block by block against the float block,
+started from AdaRound's codes); ResNet-18 / MobileNetV2 by SQNR as run, the trained zoo CNNs by
+test top-1 as run; ORT's own ``quantize_static`` with ``QInt4`` weights as the peer.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import tempfile
@@ -63,7 +72,7 @@ def ort_static(fp32: Path, out: Path, calib: list[np.ndarray], name: str, **kw: 
     t0 = time.perf_counter()
     quantize_static(
         str(fp32), str(out), Reader(), quant_format=QuantFormat.QDQ,
-        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+        activation_type=QuantType.QUInt8, weight_type=kw.pop("weight_type", QuantType.QInt8),
         calibrate_method=method, extra_options=extra, **kw,
     )  # fmt: skip
     return time.perf_counter() - t0
@@ -184,6 +193,146 @@ def bench_trained(name: str, tmp: Path) -> list[dict[str, Any]]:
     return rows
 
 
+W4A8 = {
+    "W4A8 round-to-nearest": {},
+    "W4A8 AdaRound": {"adaround": 50},
+    "W4A8 block reconstruction": {"adaround": 50, "brecq": 100},
+}
+
+
+def _w4a8_variants(
+    model: torch.nn.Module, calib: list[Any], x1: torch.Tensor, tmp: Path, name: str,
+    **pinned: Any,
+) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """slimkit's three W4A8 variants, exported; label -> {path, tool_s, q}. ``pinned``: PTQ
+    options every variant shares (the trained models pin the float prefix and the speed check
+    off, so that timing noise on a busy machine cannot hand back a float model or change which
+    layers are int8 between variants)."""
+    out = {}
+    for label, opts in W4A8.items():
+        t0 = time.perf_counter()
+        q = quantize_ptq(model, PTQ(weight_bits=4, **opts, **pinned), data=calib)
+        secs = time.perf_counter() - t0
+        path = tmp / f"{name}_{len(out)}_w4.onnx"
+        export_quantized(q, path, example_inputs=(x1,))
+        out[label] = {"tool": "slimkit", "path": path, "tool_s": secs, "q": q}
+        print(f"  {name}: {label} in {secs:.1f} s", flush=True)
+    return out
+
+
+def _ort_int4(fp32: Path, tmp: Path, calib: list[np.ndarray], name: str) -> dict[str, Any]:
+    """ORT's quantize_static with 4-bit weights (per channel, MinMax), or why it could not."""
+    from onnxruntime.quantization import QuantType
+
+    path = tmp / f"{name}_ort_w4.onnx"
+    try:
+        secs = ort_static(fp32, path, calib, "input", per_channel=True, reduce_range=False,
+                          percentile=False, weight_type=QuantType.QInt4)  # fmt: skip
+    except Exception as e:  # noqa: BLE001 - a peer's failure is a result, reported by name
+        return {"tool": "onnxruntime", "error": f"{type(e).__name__}: {e}"[:200]}
+    return {"tool": "onnxruntime", "path": path, "tool_s": secs}
+
+
+def bench_w4a8(name: str, tmp: Path) -> list[dict[str, Any]]:
+    """A reference model with random weights: SQNR as run in ORT, latency, size."""
+    model = create_model(name)
+    calib_t = [example_inputs(name, batch=1, seed=i)[0] for i in range(N_CALIB)]
+    test_t = torch.cat([example_inputs(name, batch=1, seed=1000 + i)[0] for i in range(N_TEST)])
+    with torch.no_grad():
+        ref = model(test_t)
+    fp32 = export_preprocessed(model, tmp / f"{name}_fp32.onnx", example_inputs=(calib_t[0],))
+    variants = {"fp32": {"tool": "onnxruntime", "path": fp32}}
+    variants["ORT static, QInt4 weights, per-channel minmax"] = _ort_int4(
+        fp32, tmp, [x.numpy() for x in calib_t], name
+    )
+    variants.update(_w4a8_variants(model, calib_t, calib_t[0], tmp, name))
+    runners, x1 = {}, test_t[:1].numpy()
+    for label, v in variants.items():
+        if "error" in v:
+            continue
+        sess = ort_session(v["path"])
+        (out,) = run_session(sess, [test_t])
+        v["sqnr_db"] = sqnr(ref, out)
+        if "q" in v:
+            with torch.no_grad():
+                v["sim_sqnr_db"] = sqnr(ref, v["q"](test_t))
+        runners[label] = ort_runner(sess, [x1])
+    stats = measure_latency(runners, runs=50, warmup=5, rounds=3)
+    rows = []
+    for label, v in variants.items():
+        row: dict[str, Any] = {"model": name, "tool": v["tool"], "method": label, "batch": 1}
+        if "error" in v:
+            row["error"] = v["error"]
+        else:
+            row.update({
+                "latency_ms": round(stats[label].median_ms, 3),
+                "sqnr_db": round(v["sqnr_db"], 2) if label != "fp32" else None,
+                "size_mb": round(Path(v["path"]).stat().st_size / 1e6, 3),
+            })  # fmt: skip
+        for k in ("tool_s", "sim_sqnr_db"):
+            if k in v:
+                row[k] = round(v[k], 2)
+        rows.append(row)
+    return rows
+
+
+def bench_w4a8_trained(name: str, tmp: Path) -> list[dict[str, Any]]:
+    """A trained zoo CNN: test top-1 as run in ORT, float against the W4A8 variants."""
+    from slimkit.export.ort import OrtModule
+    from slimkit.zoo import PRETRAINED, evaluate, load_task, pretrained
+
+    task = load_task(PRETRAINED.get(name).task)
+    model = pretrained(name, progress=False)
+    calib = task.calibration(n=N_CALIB * 8, batch_size=8)
+    x1 = task.test.tensors[0][:1]
+    fp32 = export_preprocessed(model, tmp / f"{name}_fp32.onnx", example_inputs=(x1,))
+    variants = {"fp32": {"tool": "onnxruntime", "path": fp32}}
+    variants.update(
+        _w4a8_variants(model, calib, x1, tmp, name, float_prefix=False, speed_check=False)
+    )
+    rows = []
+    for label, v in variants.items():
+        top1 = evaluate(OrtModule(ort_session(v["path"])), task)["top1"]
+        size = round(Path(v["path"]).stat().st_size / 1e6, 4)
+        row = {"model": name, "tool": v["tool"], "method": label, "batch": 1,
+               "metric": {"top1": top1}, "size_mb": size}  # fmt: skip
+        if "tool_s" in v:
+            row["tool_s"] = round(v["tool_s"], 2)
+        rows.append(row)
+    return rows
+
+
+def main_w4a8(args: Any, t0: float) -> None:
+    """The W4A8 rows; ``--models a,b`` reruns only those and keeps the file's other rows."""
+    reference = QUICK[:2] if args.quick else FULL[:2]
+    trained = ["digits_cnn", "shapes_cnn"]
+    chosen = args.models.split(",") if args.models else reference + trained
+    path = (
+        args.json
+        or Path(__file__).parent / "results" / f"ptq_w4a8{'_quick' if args.quick else ''}.json"
+    )
+    kept: list[dict[str, Any]] = []
+    if args.models and Path(path).exists():
+        kept = [r for r in json.loads(Path(path).read_text())["rows"] if r["model"] not in chosen]
+    rows: list[dict[str, Any]] = []
+    settings = {"calibration_samples": N_CALIB, "test_samples": N_TEST, "threads": 2,
+                "vnni": cpu_info()["vnni"], "variants": W4A8,
+                "trained_models": "float prefix and speed check off (all-int8 W4A8)",
+                "rerun": chosen if args.models else "all"}  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in chosen:
+            bench = bench_w4a8_trained if name in trained else bench_w4a8
+            rows += bench(name, Path(tmp))
+            write_result("ptq_w4a8", args, kept + rows, settings, t0)  # partial results as it goes
+    rows = kept + rows
+    for r in rows:
+        r["top1"] = r.get("metric", {}).get("top1")
+    print_table("W4A8 on ONNX Runtime, batch 1", [("model", "model"), ("method", "method"),
+                ("tool", "tool"), ("ms", "latency_ms"), ("SQNR dB", "sqnr_db"), ("top-1", "top1"),
+                ("MB", "size_mb"), ("tool s", "tool_s")], rows)  # fmt: skip
+    print(f"wrote {path}")
+
+
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per model: slimkit vs the best-SQNR peer and vs the fastest peer (ratios and dB deltas)."""
     out = []
@@ -221,8 +370,14 @@ def warm_up(tmp: Path) -> None:
 
 
 def main() -> None:
-    args = parser("ptq", __doc__).parse_args()
+    p = parser("ptq", __doc__)
+    p.add_argument("--w4a8", action="store_true", help="the W4A8 rows (results/ptq_w4a8.json)")
+    p.add_argument("--models", default="", help="with --w4a8: rerun only these (comma-separated)")
+    args = p.parse_args()
     t0 = start()
+    if args.w4a8:
+        main_w4a8(args, t0)
+        return
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         warm_up(Path(tmp))
