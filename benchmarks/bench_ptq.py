@@ -159,16 +159,24 @@ def bench_model(name: str, quick: bool, tmp: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def bench_trained(name: str, tmp: Path) -> list[dict[str, Any]]:
-    """Trained zoo model: top-1 on its held-out test split, float vs int8 as run in ORT."""
-    from slimkit.export.ort import OrtModule
-    from slimkit.zoo import PRETRAINED, evaluate, load_task, pretrained
+def _trained(name: str, tmp: Path) -> tuple[Any, torch.nn.Module, list[Any], torch.Tensor, Path]:
+    """A trained zoo model, its task, 256 calibration images, one test input, its fp32 ONNX."""
+    from slimkit.zoo import PRETRAINED, load_task, pretrained
 
     task = load_task(PRETRAINED.get(name).task)
     model = pretrained(name, progress=False)
-    calib_batches = task.calibration(n=N_CALIB * 8, batch_size=8)
+    calib = task.calibration(n=N_CALIB * 8, batch_size=8)
     x1 = task.test.tensors[0][:1]
     fp32 = export_preprocessed(model, tmp / f"{name}_fp32.onnx", example_inputs=(x1,))
+    return task, model, calib, x1, fp32
+
+
+def bench_trained(name: str, tmp: Path) -> list[dict[str, Any]]:
+    """Trained zoo model: top-1 on its held-out test split, float vs int8 as run in ORT."""
+    from slimkit.export.ort import OrtModule
+    from slimkit.zoo import evaluate
+
+    task, model, calib_batches, x1, fp32 = _trained(name, tmp)
     calib = [b.numpy() for b in calib_batches]
     rows = [{"model": name, "tool": "onnxruntime", "method": "fp32", "batch": 1,
              "metric": {"top1": evaluate(OrtModule(ort_session(fp32)), task)["top1"]}}]  # fmt: skip
@@ -279,13 +287,9 @@ def bench_w4a8(name: str, tmp: Path) -> list[dict[str, Any]]:
 def bench_w4a8_trained(name: str, tmp: Path) -> list[dict[str, Any]]:
     """A trained zoo CNN: test top-1 as run in ORT, float against the W4A8 variants."""
     from slimkit.export.ort import OrtModule
-    from slimkit.zoo import PRETRAINED, evaluate, load_task, pretrained
+    from slimkit.zoo import evaluate
 
-    task = load_task(PRETRAINED.get(name).task)
-    model = pretrained(name, progress=False)
-    calib = task.calibration(n=N_CALIB * 8, batch_size=8)
-    x1 = task.test.tensors[0][:1]
-    fp32 = export_preprocessed(model, tmp / f"{name}_fp32.onnx", example_inputs=(x1,))
+    task, model, calib, x1, fp32 = _trained(name, tmp)
     variants = {"fp32": {"tool": "onnxruntime", "path": fp32}}
     variants.update(
         _w4a8_variants(model, calib, x1, tmp, name, float_prefix=False, speed_check=False)
