@@ -60,16 +60,19 @@ def run(name: str, runs: int, partial: Any) -> list[dict[str, Any]]:
         partial(rows)
 
     add("fp32", model, 0.0)
-    uniform = {"int8 (W8A8)": "auto", "int4 (W4A8, packed)": 4}
-    for label, bits in uniform.items():
+    uniform = {"int8 (W8A8)": ("auto", 0), "int4 (W4A8, packed)": (4, 0),
+               "int4 (W4A8, packed), AdaRound": (4, 50)}  # fmt: skip
+    for label, (bits, ada) in uniform.items():
         t = time.perf_counter()
-        cfg = sk.quant.PTQ(weight_bits=bits, speed_check=False, float_prefix=False)
+        cfg = sk.quant.PTQ(weight_bits=bits, speed_check=False, float_prefix=False, adaround=ada)
         add(label, sk.quantize(model, cfg, data=calib), time.perf_counter() - t)
     int8_mb, int4_mb = rows[1]["size_mb"], rows[2]["size_mb"]
     budgets = [
         ("mixed @ int4 size", Mixed(max_size_mb=int4_mb)),
         ("mixed +int2 @ int4 size",
          Mixed(max_size_mb=int4_mb, formats=["fp32", "fp16", "int8", "int4", "int2"])),
+        ("mixed +int2, AdaRound @ int4 size",
+         Mixed(max_size_mb=int4_mb, formats=["fp32", "fp16", "int8", "int4", "int2"], adaround=50)),
         ("mixed @ midway int4-int8", Mixed(max_size_mb=round((int4_mb + int8_mb) / 2, 5))),
     ]  # fmt: skip
     for label, cfg in budgets:

@@ -197,3 +197,21 @@ def test_cli_writes_a_plan_under_the_budget_and_applies_it_back(tmp_path: Path) 
     bad = runner.invoke(app, ["quantize", "zoo:digits_cnn", "--method", "mixed", "--max-size",
                               "big", "--out", str(tmp_path / "c")])  # fmt: skip
     assert bad.exit_code != 0 and "not a size" in bad.output
+
+
+def test_adaround_learns_the_rounding_of_the_plans_integer_layers(model) -> None:
+    """``Mixed(adaround=N)`` hands the iterations to PTQ: the int4 layers' codes are learned
+    (some differ from nearest rounding) and the output gets no worse than with nearest."""
+    plan = {"features.0.0": "int8", "features.1.0": "int4", "features.3.0": "int4", "fc": "int8"}
+    x = torch.cat(_calib(4))
+    near = sk.quantize(model, Mixed(plan=plan, num_batches=8), data=_calib())
+    ada = sk.quantize(model, Mixed(plan=plan, num_batches=8, adaround=30), data=_calib())
+    assert "learned rounding in" in str(ada.meta["slimkit"])
+    codes = [ada.get_submodule(n).w_q for n in ("features.1.0", "features.3.0")]
+    assert any(not torch.equal(c, near.get_submodule(n).w_q) for c, n in
+               zip(codes, ("features.1.0", "features.3.0"), strict=True))  # fmt: skip
+    with torch.no_grad():
+        ref = model(x)
+        err_near = float((near(x) - ref).pow(2).mean())
+        err_ada = float((ada(x) - ref).pow(2).mean())
+    assert err_ada <= err_near * 1.05

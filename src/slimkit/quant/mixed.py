@@ -74,6 +74,9 @@ class Mixed(Config):
     calibration: Literal["minmax", "percentile", "entropy", "mse"] = "mse"  # activation ranges
     num_batches: int = Field(32, ge=1)  # calibration batches read from `data`
     bias_correction: bool = True
+    # AdaRound iterations per integer layer (as PTQ's; 0: nearest): learned rounding for the
+    # int4 / int2 layers of the plan, at 2-5x the tool time
+    adaround: int = Field(0, ge=0, le=100_000)
 
 
 class HalfLayer(nn.Module):
@@ -476,7 +479,7 @@ def _apply(model: nn.Module, formats: dict[str, str], cfg: Mixed, batches: list[
     }
     ptq = PTQ(calibration=cfg.calibration, weight_bits=int8_bits, num_batches=cfg.num_batches,
               bias_correction=cfg.bias_correction, float_prefix=floats, rotate_boundary=False,
-              speed_check=False, layer_weight_bits=ints)  # fmt: skip
+              speed_check=False, layer_weight_bits=ints, adaround=cfg.adaround)  # fmt: skip
     out = quantize_ptq(model, ptq, data=batches, scope=scope)
     for n, f in formats.items():
         if f == "fp16":
