@@ -20,7 +20,7 @@ and int8 together. The goals checked per model: 10x faster than eager, 4x faster
 top-1 at most 1 point below ORT fp32, for the pipeline's int8 model.
 
     python benchmarks/bench_pipeline.py --quick   # 1 recovery epoch, fewer timing runs
-    python benchmarks/bench_pipeline.py           # 2 recovery epochs (about 20 minutes)
+    python benchmarks/bench_pipeline.py           # 5 recovery epochs (minutes on an idle machine)
 """
 
 from __future__ import annotations
@@ -99,24 +99,33 @@ class Bench:
                    "quant_s": round(time.perf_counter() - t0, 1)}  # fmt: skip
 
     def timed(self, runs: int) -> dict[str, Any]:
-        """Eager and every ONNX file so far, in the same interleaved rounds."""
-        runners: dict[str, Callable[[], Any]] = {"torch": torch_runner(self.dense, [self.x])}
+        """Eager alone, then every ONNX file so far in the same interleaved rounds. Eager is not
+        interleaved with ORT: the sessions' spinning worker threads starved PyTorch's (eager
+        rounds of 8.6 and 640 ms in one run)."""
+        rounds = 3 if self.quick else 5
+        eager = {"torch": torch_runner(self.dense, [self.x])}
+        stats = measure_latency(eager, runs=runs, warmup=10, rounds=rounds)
+        runners: dict[str, Callable[[], Any]] = {}
         for label, path in self.files.items():
             runners[label] = ort_runner(ort_session(path), [self.x])
-        return measure_latency(runners, runs=runs, warmup=10, rounds=3 if self.quick else 5)
+        return {**stats, **measure_latency(runners, runs=runs, warmup=10, rounds=rounds)}
 
 
 def prune(dense: nn.Module, x: torch.Tensor, target: float) -> tuple[nn.Module, float, float]:
     """``prune.auto`` to ``target``; when no pruning reaches it (small models are bound by ORT's
-    per-node overhead), to 95 % of the best speed-up its search measured. Returns the pruned
-    model, the target it met and the unreachable one (0.0 when the first was met)."""
-    try:
-        return prune_to_target(dense, Target(speedup=target), example_inputs=(x,)), target, 0.0
-    except ConfigError as e:
-        found = re.search(r"best tried: ([0-9.]+)x", str(e))
-        lower = round(max(1.0, 0.95 * float(found.group(1)) if found else target / 2), 2)
-        print(f"  {target}x is out of reach; pruning to {lower}x", flush=True)
-        return prune_to_target(dense, Target(speedup=lower), example_inputs=(x,)), lower, target
+    per-node overhead), to 95 % of the best speed-up its search measured (again, up to 3 times:
+    the measurements are noisy). Returns the pruned model, the target it met and the first
+    target when that was out of reach (else 0.0)."""
+    goal = target
+    for _ in range(3):
+        try:
+            pruned = prune_to_target(dense, Target(speedup=goal), example_inputs=(x,))
+            return pruned, goal, 0.0 if goal == target else target
+        except ConfigError as e:
+            found = re.search(r"best tried: ([0-9.]+)x", str(e))
+            goal = round(max(1.0, 0.95 * float(found.group(1)) if found else goal / 2), 2)
+            print(f"  out of reach; pruning to {goal}x", flush=True)
+    return prune_to_target(dense, Target(speedup=1.0), example_inputs=(x,)), 1.0, target
 
 
 def bench_model(name: str, tmp: Path, epochs: int, quick: bool, speedup: float | None
@@ -134,7 +143,7 @@ def bench_model(name: str, tmp: Path, epochs: int, quick: bool, speedup: float |
     b.row("int8", "slimkit", "int8 PTQ alone (no pruning)", dense, **info)
 
     # the pruning level: what pruning must add to int8's own speed-up to reach GOAL_ORT
-    first = b.timed(runs=20)
+    first = b.timed(runs=50)  # 20 runs gave 1.63x and 2.28x in two runs: the target follows it
     int8_gain = first["ort fp32"].median_ms / first["int8"].median_ms
     target = speedup or round(min(max(GOAL_ORT * MARGIN / int8_gain, 1.2), 8.0), 2)
     print(
@@ -223,7 +232,7 @@ def checks(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def main() -> None:
     p = parser("pipeline", __doc__)
-    p.add_argument("--epochs", type=int, default=None, help="recovery epochs (default 2, quick 1)")
+    p.add_argument("--epochs", type=int, default=None, help="recovery epochs (default 5, quick 1)")
     p.add_argument(
         "--speedup",
         type=float,
@@ -233,7 +242,7 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     args = p.parse_args()
     t0 = start()
-    epochs = args.epochs or (1 if args.quick else 2)
+    epochs = args.epochs or (1 if args.quick else 5)
     settings = {"threads": 2, "batch": 1, "recovery_epochs": epochs, "recovery_lr": 1e-3,
                 "calibration_samples": N_CALIB, "adaround_iterations": ADAROUND,
                 "speedup_margin": MARGIN, "vnni": cpu_info()["vnni"],
