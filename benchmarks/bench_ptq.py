@@ -92,15 +92,21 @@ def nncf_quantize(fp32: Path, out: Path, calib: list[np.ndarray], name: str) -> 
     return time.perf_counter() - t0
 
 
-def bench_model(name: str, quick: bool, tmp: Path) -> list[dict[str, Any]]:
+def _reference(name: str, tmp: Path) -> tuple[Any, list[torch.Tensor], torch.Tensor, Any, Path]:
+    """A reference model (random weights), its calibration and held-out inputs, the float
+    outputs on those, and its fp32 ONNX after ORT's documented pre-processing (without it the
+    exporter's shared initializers leave most convs in float: 4 of 20 on ResNet)."""
     model = create_model(name)
     calib_t = [example_inputs(name, batch=1, seed=i)[0] for i in range(N_CALIB)]
     test_t = torch.cat([example_inputs(name, batch=1, seed=1000 + i)[0] for i in range(N_TEST)])
     with torch.no_grad():
         ref = model(test_t)
-    # ORT's documented pre-processing before its quantizer (without it the exporter's shared
-    # initializers leave most convs in float: 4 of 20 on ResNet)
     fp32 = export_preprocessed(model, tmp / f"{name}_fp32.onnx", example_inputs=(calib_t[0],))
+    return model, calib_t, test_t, ref, fp32
+
+
+def bench_model(name: str, quick: bool, tmp: Path) -> list[dict[str, Any]]:
+    model, calib_t, test_t, ref, fp32 = _reference(name, tmp)
     calib = [x.numpy() for x in calib_t]
     variants: dict[str, dict[str, Any]] = {"fp32": {"tool": "onnxruntime", "path": fp32}}
 
@@ -243,12 +249,7 @@ def _ort_int4(fp32: Path, tmp: Path, calib: list[np.ndarray], name: str) -> dict
 
 def bench_w4a8(name: str, tmp: Path) -> list[dict[str, Any]]:
     """A reference model with random weights: SQNR as run in ORT, latency, size."""
-    model = create_model(name)
-    calib_t = [example_inputs(name, batch=1, seed=i)[0] for i in range(N_CALIB)]
-    test_t = torch.cat([example_inputs(name, batch=1, seed=1000 + i)[0] for i in range(N_TEST)])
-    with torch.no_grad():
-        ref = model(test_t)
-    fp32 = export_preprocessed(model, tmp / f"{name}_fp32.onnx", example_inputs=(calib_t[0],))
+    model, calib_t, test_t, ref, fp32 = _reference(name, tmp)
     variants = {"fp32": {"tool": "onnxruntime", "path": fp32}}
     variants["ORT static, QInt4 weights, per-channel minmax"] = _ort_int4(
         fp32, tmp, [x.numpy() for x in calib_t], name

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimkit.core.data import Batch
-from slimkit.quant.modules import ActQuant, QuantLayer
+from slimkit.quant.modules import QuantLayer, float_pass
 from slimkit.quant.primitives import nhwc
 
 
@@ -65,23 +65,14 @@ def correct(qmodel: nn.Module, layers: dict[str, QuantLayer], batches: Sequence[
 
         return fn
 
-    quants = [m for m in qmodel.modules() if isinstance(m, ActQuant)]
     handles = [layer.register_forward_pre_hook(hook(n, layer)) for n, layer in layers.items()]
-    for q in quants:
-        q.enabled = False
-    for layer in layers.values():
-        layer.float_mode = True
     try:
-        with torch.no_grad():
+        with float_pass(qmodel, layers.values()), torch.no_grad():
             for b in batches:
                 b.run(qmodel)
     finally:
         for h in handles:
             h.remove()
-        for q in quants:
-            q.enabled = True
-        for layer in layers.values():
-            layer.float_mode = False
     with torch.no_grad():
         for name, layer in layers.items():
             sx, sxq, n = acc[name]

@@ -36,6 +36,7 @@ their codes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 import time
@@ -49,7 +50,7 @@ from torch import fx, nn
 from slimkit.core.data import Batch, flatten_output
 from slimkit.core.graph import call_counts
 from slimkit.quant.adaround import GAMMA, ZETA, _run_node
-from slimkit.quant.modules import ActQuant, QuantLayer, run_layer
+from slimkit.quant.modules import QuantLayer, float_pass, run_layer
 
 
 def block_of(name: str) -> str:
@@ -197,22 +198,8 @@ def _error(diff: torch.Tensor, dc: float) -> torch.Tensor:
 
 def _outputs(model: nn.Module, batches: Sequence[Batch], quant: bool = True) -> list[torch.Tensor]:
     """The model's outputs (flattened, float tensors) on ``batches``: quantized or float."""
-    acts = [m for m in model.modules() if isinstance(m, ActQuant)]
-    layers = [m for m in model.modules() if isinstance(m, QuantLayer)]
-    saved = [m.enabled for m in acts], [m.float_mode for m in layers]
-    if not quant:
-        for m in acts:
-            m.enabled = False
-        for lay in layers:
-            lay.float_mode = True
-    try:
-        with torch.no_grad():
-            outs = [flatten_output(model(*b.args, **b.kwargs)) for b in batches]
-    finally:
-        for m, on in zip(acts, saved[0], strict=True):
-            m.enabled = on
-        for lay, fm in zip(layers, saved[1], strict=True):
-            lay.float_mode = fm
+    with float_pass(model) if not quant else contextlib.nullcontext(), torch.no_grad():
+        outs = [flatten_output(model(*b.args, **b.kwargs)) for b in batches]
     return [t.float() for out in outs for _, t in out if t.is_floating_point()]
 
 

@@ -9,6 +9,8 @@ weight scale (what ORT requires to fuse a conv).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -158,6 +160,28 @@ class QuantLayer(nn.Module):
             return layer(x)
         b = dequantize_const(self.b_q, self.b_scale, 0) if self.has_bias else layer.bias
         return run_layer(layer, x, self.weight(), b)
+
+
+@contextlib.contextmanager
+def float_pass(model: nn.Module, layers: Iterable[QuantLayer] | None = None) -> Iterator[None]:
+    """Run ``model`` as its float original inside the block: activation quantizers off and
+    ``layers`` (default: every ``QuantLayer``) on their float weights; the flags are restored
+    to what they were, also on error."""
+    acts = [m for m in model.modules() if isinstance(m, ActQuant)]
+    quant = list(layers) if layers is not None else [
+        m for m in model.modules() if isinstance(m, QuantLayer)]  # fmt: skip
+    saved = [m.enabled for m in acts], [m.float_mode for m in quant]
+    for m in acts:
+        m.enabled = False
+    for lay in quant:
+        lay.float_mode = True
+    try:
+        yield
+    finally:
+        for m, on in zip(acts, saved[0], strict=True):
+            m.enabled = on
+        for lay, fm in zip(quant, saved[1], strict=True):
+            lay.float_mode = fm
 
 
 def run_layer(
