@@ -13,15 +13,25 @@ Part 2, speed (ResNet-18 and MobileNetV2 at 224x224, random weights, ORT batch 1
 within 10 %), and Torch-Pruning at the channel ratio that keeps ~50 % of the MACs. All latencies of
 a model are timed in the same interleaved rounds.
 
+Part 3 (``--llm``, results/prune_llm.json): one-shot sparsity of the trained byte-level GPT
+(``pycode_gpt``), no fine-tuning: magnitude, Wanda and SparseGPT at 50 % unstructured and at 2:4
+on every Linear layer but the LM head, held-out perplexity (and KL to the dense model per token,
+``bench_llm_quant.LMEval``), calibration on windows of the training split, the compact artifact's
+size (``save_sparse``: bit mask + kept values) next to the dense file. No speed is claimed: dense
+CPU kernels multiply the zeros.
+
     python benchmarks/bench_prune.py --quick   # CNNs at ratio 0.3, 1 epoch, 1 seed; no part 2
     python benchmarks/bench_prune.py           # ratios 0.3 / 0.5, 3 epochs, 3 seeds; part 2
+    python benchmarks/bench_prune.py --llm     # part 3 only (about 2 minutes; --quick: 30 s)
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -158,8 +168,88 @@ def speed(name: str) -> list[dict[str, Any]]:
     return rows
 
 
+def llm_rows(quick: bool) -> list[dict[str, Any]]:
+    """Part 3: magnitude / Wanda / SparseGPT on the trained GPT, held-out perplexity."""
+    import slimkit as sk
+    from bench_llm_quant import LMEval
+    from slimkit.core.io import save_weights
+    from slimkit.prune import NM, Magnitude, SparseGPT, Wanda, save_sparse
+
+    torch.manual_seed(0)
+    model = pretrained("pycode_gpt", progress=False).eval()
+    task = load_task("pycode_lm")
+    xs, ys = task.test[: 64 if quick else 512]
+    train_x = task.train[:][0]
+    calib = list(train_x[torch.linspace(0, len(train_x) - 1, 32 if quick else 128).long()].split(8))
+    ev = LMEval(xs, ys, model)
+    scope = sk.Scope(exclude=["lm_head"])
+    pruned_names = [n for n, _ in scope.select(model, (nn.Linear,))]
+    with tempfile.TemporaryDirectory() as tmp:
+        dense_mb = save_weights(model, Path(tmp) / "dense.safetensors").stat().st_size / 1e6
+        rows = [{"model": "pycode_gpt", "tool": "slimkit", "method": "dense", "sparsity": 0.0,
+                 "metric": ev(model), "size_mb": round(dense_mb, 3)}]  # fmt: skip
+        settings: list[tuple[str, Any]] = [
+            ("magnitude 50% unstructured", Magnitude(sparsity=0.5)),
+            ("magnitude 2:4", NM(n=2, m=4)),
+            ("wanda 50% unstructured", Wanda(sparsity=0.5)),
+            ("wanda 2:4", Wanda(n=2, m=4)),
+            ("sparsegpt 50% unstructured", SparseGPT(sparsity=0.5)),
+            ("sparsegpt 2:4", SparseGPT(n=2, m=4)),
+        ]
+        for label, cfg in settings:
+            t0 = time.perf_counter()
+            needs = isinstance(cfg, Wanda | SparseGPT)
+            out = sk.prune(model, cfg, data=calib if needs else None, scope=scope)
+            tool_s = time.perf_counter() - t0
+            zeros = sum(int((out.get_submodule(n).weight == 0).sum()) for n in pruned_names)
+            total = sum(out.get_submodule(n).weight.numel() for n in pruned_names)
+            size = save_sparse(out, Path(tmp) / "s.safetensors").stat().st_size / 1e6
+            row = {"model": "pycode_gpt", "tool": "slimkit", "method": label,
+                   "sparsity": round(zeros / total, 4), "metric": ev(out),
+                   "size_mb": round(size, 3), "tool_s": round(tool_s, 2)}  # fmt: skip
+            rows.append(row)
+            print(f"  {label}: {row['metric']} ({tool_s:.1f} s)", flush=True)
+    for r in rows:
+        r["perplexity"] = r["metric"]["perplexity"]
+    return rows
+
+
+def _llm_checks(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    ppl = {r["method"]: r["perplexity"] for r in rows}
+    out = {}
+    for setting in ("50% unstructured", "2:4"):
+        base = ppl[f"magnitude {setting}"]
+        for method in ("wanda", "sparsegpt"):
+            mine = ppl[f"{method} {setting}"]
+            out[f"{method} {setting}: perplexity below magnitude's"] = {
+                "ok": mine < base, "detail": f"{mine} vs {base}"}  # fmt: skip
+    return out
+
+
+def main_llm(args: Any) -> None:
+    t0 = start(threads=1)
+    rows = llm_rows(args.quick)
+    checks = _llm_checks(rows)
+    settings = {"calibration_windows": 32 if args.quick else 128, "window": 128,
+                "test_windows": 64 if args.quick else 512, "scope": "every Linear but lm_head",
+                "threads": 1, "finetune": None, "load_avg": list(os.getloadavg())}  # fmt: skip
+    path = write_result("prune_llm", args, rows, settings, t0, checks=checks)
+    print_table("pycode_gpt: one-shot sparsity, held-out perplexity (no fine-tuning)",
+                [("model", "model"), ("method", "method"), ("sparsity", "sparsity"),
+                 ("perplexity", "perplexity"), ("MB (bitmask + values)", "size_mb"),
+                 ("s", "tool_s")], rows)  # fmt: skip
+    for k, v in checks.items():
+        print(f"{'ok ' if v['ok'] else 'NOT'} {k}: {v['detail']}")
+    print(f"wrote {path}")
+
+
 def main() -> None:
-    args = parser("prune", __doc__).parse_args()
+    p = parser("prune", __doc__)
+    p.add_argument("--llm", action="store_true", help="part 3 only: SparseGPT / Wanda on the GPT")
+    args = p.parse_args()
+    if args.llm:
+        main_llm(args)
+        return
     t0 = start()
     ratios, epochs, seeds = ([0.3], 1, 1) if args.quick else ([0.3, 0.5], 3, 3)
     rows: list[dict[str, Any]] = []
