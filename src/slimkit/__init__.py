@@ -22,6 +22,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "analyze": "slimkit.analyze",  # callable package: sk.analyze(model, x)
     "export_onnx": "slimkit.export.onnx:export_onnx",
+    "deploy": "slimkit.export.backends.measure:deploy",  # sk.deploy(model, x, backend="auto")
     "fold_bn": "slimkit.graph_opt.bn_fold:fold_bn",
     "optimize": "slimkit.graph_opt:optimize",  # BN folding, constant folding, fusion
     "quantize": "slimkit.quant.verb:quantize",  # every quant.* method, by name or config
@@ -49,6 +50,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from slimkit.core.artifacts import load
     from slimkit.core.scope import Scope
     from slimkit.core.verbs import report
+    from slimkit.export.backends.measure import deploy
     from slimkit.export.onnx import export_onnx
     from slimkit.graph_opt import optimize
     from slimkit.graph_opt.bn_fold import fold_bn
@@ -80,6 +82,7 @@ __all__ = [
     "analyze",
     "compress",
     "errors",
+    "deploy",
     "export_onnx",
     "fold_bn",
     "optimize",

@@ -3,6 +3,7 @@
 slimkit list              every method, zoo model and task
 slimkit zoo list|train    the model zoo and its trained weights
 slimkit export MODEL      ONNX with a dynamic batch, checked in ONNX Runtime
+slimkit deploy MODEL      every runtime (ORT, OpenVINO, TVM, MNN, ...): parity, tuned, fastest kept
 slimkit bench MODEL       latency, PyTorch eager vs ONNX Runtime
 slimkit demo              train, evaluate, export, check and time a model end to end
 slimkit analyze MODEL     roofline, measured layer times, predicted speed-ups, sensitivity
@@ -30,6 +31,7 @@ app = typer.Typer(
 app.command("list")(info.list_cmd)
 app.add_typer(info.zoo_app, name="zoo")
 app.command("export")(export.export_cmd)
+app.command("deploy")(__import__("slimkit.cli.deploy", fromlist=["_"]).deploy_cmd)
 app.command("bench")(bench.bench_cmd)
 app.command("demo")(demo.demo_cmd)
 app.command("quantize")(quantize.quantize_cmd)

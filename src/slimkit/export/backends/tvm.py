@@ -1,0 +1,85 @@
+"""Apache TVM (Relax): the ONNX file imported by TVM's ONNX frontend, compiled for this CPU
+(LLVM, ``mcpu`` of the host) at the example's input shapes, saved as a shared library
+``model.so``. With ``tune_trials`` > 0 TVM's MetaSchedule auto-tunes the kernels for that many
+trials in total (bounded: minutes for a ResNet at a few hundred trials on 2 cores).
+
+Tuned settings: threads of TVM's thread pool.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from slimkit.export.backends.base import Arrays, Backend, Runner
+
+
+class TvmBackend(Backend):
+    name = "tvm"
+    package = "apache-tvm"
+    module = "tvm"
+    suffix = ".so"
+    fixed_batch = True
+
+    def __init__(self, tune_trials: int = 0) -> None:
+        self.tune_trials = tune_trials
+
+    def settings(self, threads: int) -> list[dict[str, Any]]:
+        grid: list[dict[str, Any]] = [{"threads": threads}]
+        if threads > 1:
+            grid.append({"threads": 1})
+        return grid
+
+    def _target(self) -> Any:
+        import tvm
+
+        cpu = tvm.get_global_func("tvm.codegen.llvm.GetHostCPUName", allow_missing=True)
+        return tvm.target.Target({"kind": "llvm", "mcpu": cpu() if cpu else "generic",
+                                  "num-cores": 1})  # fmt: skip
+
+    def export(self, onnx_path: Path, inputs: Arrays, workdir: Path) -> list[Path]:
+        import onnx
+        import tvm
+        from tvm import relax
+        from tvm.relax.frontend.onnx import from_onnx
+
+        model = onnx.load(str(onnx_path))
+        inits = {i.name for i in model.graph.initializer}
+        names = [i.name for i in model.graph.input if i.name not in inits]
+        shapes = {n: list(x.shape) for n, x in zip(names, inputs, strict=True)}
+        dtypes = {n: str(x.dtype) for n, x in zip(names, inputs, strict=True)}
+        mod = from_onnx(model, shape_dict=shapes, dtype_dict=dtypes, keep_params_in_input=False)
+        mod = relax.transform.DecomposeOpsForInference()(mod)
+        target = self._target()
+        if self.tune_trials > 0:
+            with target:
+                mod = relax.get_pipeline("static_shape_tuning", target=target,
+                                         work_dir=str(workdir / "tuning"),
+                                         total_trials=self.tune_trials)(mod)  # fmt: skip
+        else:
+            mod = relax.get_pipeline("zero")(mod)
+        lib = tvm.compile(mod, target=target)
+        dest = workdir / "model.so"
+        lib.export_library(str(dest))
+        return [dest]
+
+    def load(self, files: list[Path], inputs: Arrays, settings: dict[str, Any]) -> Runner:
+        import tvm
+        from tvm import relax
+
+        tvm.get_global_func("runtime.config_threadpool")(0, int(settings.get("threads", 2)))
+        vm = relax.VirtualMachine(tvm.runtime.load_module(str(files[0])), tvm.cpu())
+        fn = vm["main"]
+
+        def to_tvm(xs: Arrays) -> list[Any]:
+            return [tvm.runtime.tensor(x) for x in xs]
+
+        def outs(res: Any) -> list[Any]:
+            return [res.numpy()] if hasattr(res, "numpy") else [r.numpy() for r in res]
+
+        def bind(xs: Arrays) -> Callable[[], Any]:
+            vs = to_tvm(xs)
+            return lambda: fn(*vs)
+
+        return Runner(lambda xs: outs(fn(*to_tvm(xs))), bind)
