@@ -1,0 +1,256 @@
+"""``sk.nas.search_arch``: supernet, latency table, search, extraction and fine-tuning in one call.
+
+    import slimkit as sk
+    res = sk.nas.search_arch("shapes", latency_ms=0.08, trials=60)   # NASResult
+    res.model            # a plain nn.Module (ArchNet), fine-tuned; exports to ONNX
+    res.arch.describe()  # 'w12 d1 k3 e4 | w24 d2 k35 e24 | ...'
+    res.save("out/")     # model.safetensors, arch.yaml, model.onnx, search.json, metrics.json
+    net = sk.nas.load("out/")                                         # the same network back
+
+The steps are public too (``SuperNet``, ``train_supernet``, ``LatencyTable``, ``search``,
+``finetune``), so a benchmark trains one supernet and searches it for several targets.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimkit.core.io import PathLike, load_into, load_weights, save_weights, write_json
+from slimkit.errors import ConfigError
+from slimkit.nas.latency import LatencyTable, Validation, measure_archs, validate
+from slimkit.nas.model import ArchNet
+from slimkit.nas.search import Evaluator, SearchResult, search
+from slimkit.nas.space import Arch, CNNSpace, write_yaml
+from slimkit.nas.supernet import SuperNet, recalibrate_bn, train, train_supernet
+
+
+def check_task(space: CNNSpace, task: Any) -> None:
+    """``ConfigError`` unless ``task`` is a classification task whose images fit ``space``."""
+    want = (space.in_channels, space.input_size, space.input_size)
+    if task.kind != "classification" or tuple(task.input_shape) != want:
+        raise ConfigError(
+            f"task {task.name!r} ({task.kind}, inputs {tuple(task.input_shape)}) does not fit the "
+            f"search space (classification of {want} images)",
+            fix="use an image classification task such as 'shapes', or set the space's "
+            "in_channels and input_size to the task's input shape",
+        )
+    if task.num_classes != space.num_classes:
+        raise ConfigError(
+            f"task {task.name!r} has {task.num_classes} classes, the space {space.num_classes}",
+            fix=f"set num_classes: {task.num_classes} in the space",
+        )
+
+
+def calibrated_table(
+    space: CNNSpace,
+    *,
+    threads: int = 1,
+    n_calib: int = 8,
+    n_val: int = 8,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[LatencyTable, Validation]:
+    """The latency table of ``space``, calibrated on ``n_calib`` whole networks (the largest,
+    the smallest and random ones) and validated on ``n_val`` other random ones."""
+    table = LatencyTable.measure(space, threads=threads, progress=progress)
+    rng = random.Random(seed)
+    cal = [space.largest(), space.smallest(), *[space.sample(rng) for _ in range(n_calib - 2)]]
+    held = [a for a in (space.sample(rng) for _ in range(4 * n_val)) if a not in cal][:n_val]
+    measured = measure_archs(space, cal + held, threads=threads)
+    table.calibrate(space, cal, measured[: len(cal)])
+    check = validate(lambda a: table.predict(space, a), space, held, measured=measured[len(cal) :])
+    return table, check
+
+
+def finetune(
+    model: nn.Module,
+    teacher: nn.Module | None,
+    loader: Any,
+    *,
+    epochs: int,
+    lr: float = 1e-3,
+    alpha: float = 0.5,
+    temperature: float = 2.0,
+    seed: int = 0,
+    progress: bool = True,
+    max_steps: int | None = None,
+) -> nn.Module:
+    """Fine-tune ``model`` in place through ``core.train.fit``: cross entropy, plus (with a
+    ``teacher``) ``alpha`` x softened KL to the teacher's output."""
+    if teacher is not None:
+        teacher.eval()
+
+    def loss(m: nn.Module, batch: Any) -> torch.Tensor:
+        x, y = batch
+        out = m(x)
+        ce = F.cross_entropy(out, y)
+        if teacher is None:
+            return ce
+        with torch.no_grad():
+            soft = F.softmax(teacher(x) / temperature, dim=-1)
+        kd = F.kl_div(F.log_softmax(out / temperature, -1), soft, reduction="batchmean")
+        return (1 - alpha) * ce + alpha * kd * temperature**2
+
+    train(model, loader, loss, epochs=epochs, lr=lr, description="fine-tune", seed=seed,
+          progress=progress, max_steps=max_steps)  # fmt: skip
+    return model
+
+
+@dataclass
+class NASResult:
+    """What :func:`search_arch` found: the fine-tuned network and the evidence."""
+
+    space: CNNSpace
+    arch: Arch
+    model: nn.Module
+    search: SearchResult
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "arch": self.arch.to_dict(),
+            "describe": self.arch.describe(),
+            **self.metrics,
+            "search": {k: v for k, v in self.search.to_dict().items() if k != "all"},
+        }
+
+    def save(self, out: PathLike, *, onnx: bool = True) -> Path:
+        """Write the artifact folder: ``arch.yaml`` (space + architecture), ``model.safetensors``,
+        ``model.onnx`` (checked in ORT), ``search.json`` (every trial), ``metrics.json``."""
+        d = Path(out)
+        d.mkdir(parents=True, exist_ok=True)
+        write_yaml(d / "arch.yaml", {"space": self.space.to_dict(), "arch": self.arch.to_dict()})
+        save_weights(self.model, d / "model.safetensors")
+        if onnx:
+            from slimkit.export.onnx import export_onnx
+
+            x = torch.randn(1, self.space.in_channels, self.space.input_size, self.space.input_size)
+            rep = export_onnx(self.model, d / "model.onnx", example_inputs=(x,))
+            self.metrics["onnx_max_abs_error"] = rep.to_dict().get("max_abs_error")
+        write_json(d / "search.json", self.search.to_dict())
+        write_json(d / "metrics.json", self.to_dict())
+        return d
+
+
+def load(directory: PathLike) -> ArchNet:
+    """The network of a :meth:`NASResult.save` folder (built from ``arch.yaml``, weights from
+    ``model.safetensors``; no pickle), in eval mode."""
+    import yaml
+
+    d = Path(directory)
+    spec = d / "arch.yaml"
+    if not spec.is_file():
+        raise ConfigError(
+            f"{str(d)!r} holds no arch.yaml",
+            fix="pass the folder that `slimkit nas --out` or NASResult.save wrote",
+        )
+    data = yaml.safe_load(spec.read_text(encoding="utf-8"))
+    space = CNNSpace.from_dict(data.get("space"))
+    net = ArchNet(space, Arch.from_dict(data.get("arch")))
+    load_into(net, load_weights(d / "model.safetensors"))
+    return net.eval()
+
+
+def search_arch(
+    task: str = "shapes",
+    *,
+    space: CNNSpace | None = None,
+    latency_ms: float | None = None,
+    trials: int = 60,
+    strategy: str = "nsga2",
+    supernet_epochs: int = 4,
+    finetune_epochs: int = 2,
+    batch_size: int = 64,
+    threads: int = 1,
+    seed: int = 0,
+    max_steps: int | None = None,
+    progress: bool = True,
+    on_stage: Callable[[str], None] | None = None,
+) -> NASResult:
+    """Find the most accurate architecture of ``space`` whose predicted ORT latency (batch 1,
+    ``threads`` threads, this machine) is at most ``latency_ms`` on the zoo ``task``.
+
+    Without ``latency_ms`` the target is halfway between the smallest and the largest network.
+    Steps: measure and calibrate the latency table (cached per machine), train the supernet
+    (sandwich rule), search (``"nsga2"`` or ``"random"``, ``trials`` architectures), extract the
+    best, fine-tune it with distillation from the largest sub-network, evaluate it on the test
+    split and measure it in ORT. ``max_steps`` caps the optimizer steps of the supernet training
+    and of the fine-tuning (a quick run).
+    """
+    from slimkit.zoo.tasks import evaluate, load_task
+
+    space = space or CNNSpace()
+    t = load_task(task)
+    check_task(space, t)
+    stage = on_stage or (lambda _s: None)
+    stage("latency table")
+    table, check = calibrated_table(space, threads=threads, seed=seed)
+    lo, hi = table.predict(space, space.smallest()), table.predict(space, space.largest())
+    target = latency_ms if latency_ms is not None else (lo + hi) / 2
+    if target < lo:
+        raise ConfigError(
+            f"the latency target {target:.4g} ms is below the smallest network of the space "
+            f"({lo:.4g} ms predicted)",
+            fix=f"ask for at least {lo:.4g} ms, or add smaller choices",
+        )
+    stage("supernet")
+    torch.manual_seed(seed)
+    net = SuperNet(space)
+    kw: dict[str, Any] = {"seed": seed, "progress": progress, "max_steps": max_steps}
+    train_supernet(net, t.loader("train", batch_size, shuffle=True, seed=seed),
+                   epochs=supernet_epochs, **kw)  # fmt: skip
+    calib = [
+        b
+        for _, b in zip(range(8), t.loader("train", 64, shuffle=True, seed=seed + 1), strict=False)
+    ]
+    ev = Evaluator(
+        net, calib=calib, val=list(t.loader("val", 250)), latency=lambda a: table.predict(space, a)
+    )
+    stage(f"search ({strategy}, {trials} trials)")
+    res = search(space, ev, trials=trials, target_ms=target, strategy=strategy, seed=seed)
+    best = res.best
+    if best is None:  # pragma: no cover - the smallest network meets any target >= lo
+        raise ConfigError("no architecture met the latency target", fix="raise --latency-ms")
+    stage("fine-tune")
+    model = net.extract(best.arch)
+    recalibrate_bn(model, calib)
+    teacher = recalibrate_bn(net.extract(space.largest()), calib)
+    loader = t.loader("train", batch_size, shuffle=True, seed=seed)
+    finetune(model, teacher, loader, epochs=finetune_epochs, **kw)
+    stage("measure")
+    measured = measure_archs_trained(space, model, threads=threads)
+    metrics = {
+        "task": task,
+        "target_ms": target,
+        "strategy": strategy,
+        "top1": evaluate(model, t, "test")["top1"],
+        "search_top1_val": best.top1,
+        "predicted_ms": best.latency_ms,
+        "measured_ms": measured,
+        "meets_target": measured <= target,
+        "params": best.params,
+        "latency_model": {
+            **check.to_dict(),
+            "scale": table.scale,
+            "offset": table.offset,
+            "entries": len(table.entries),
+            "threads": threads,
+        },
+    }
+    return NASResult(space, best.arch, model, res, metrics)
+
+
+def measure_archs_trained(space: CNNSpace, model: nn.Module, *, threads: int = 1) -> float:
+    """Whole-network ORT ms (lower quartile, batch 1) of a built model."""
+    from slimkit.nas.latency import ort_times
+
+    x = torch.randn(1, space.in_channels, space.input_size, space.input_size)
+    return ort_times({"m": (model, x)}, threads=threads)["m"]["ms"]
