@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -96,12 +96,14 @@ class DeployReport:
     roofline: dict[str, Any] | None = None
     load_avg: list[float] | None = None
     notes: list[str] = field(default_factory=list)
+    # the loaded runtimes that passed parity (not saved): re-measure them with runner.bind(x)
+    runners: dict[str, Runner] = field(default_factory=dict, repr=False)
 
     def result(self, name: str) -> BackendResult:
         return next(r for r in self.results if r.backend == name)
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "runners"}
         d["results"] = [r.to_dict() for r in self.results]
         return d
 
@@ -275,7 +277,7 @@ def deploy(
         onnx_path = work / "model.onnx"
         say("exporting to ONNX")
         export_onnx(model, onnx_path, example_inputs=args)
-        runners: dict[str, Runner] = {}
+        runners = rep.runners
         files: dict[str, list[Path]] = {}
         for be in backends:
             res = BackendResult(be.name, be.package, "missing", version=be.version())
