@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,8 @@ def write_result(
         "benchmark": name,
         "quick": bool(args.quick),
         "machine": machine_info(),
+        # other processes share the CPU on a busy machine: timings from a loaded one are noisy
+        "load_avg_1_5_15_min": [round(v, 2) for v in os.getloadavg()],
         "versions": versions(),
         "settings": settings,
         "seconds": round(time.perf_counter() - t0, 1),

@@ -37,6 +37,14 @@ from slimkit.prune.channel import (
 from slimkit.prune.depgraph import DepGraph, Group, Member, build_depgraph
 from slimkit.prune.hf_attention import sync_head_counts
 from slimkit.prune.llm import SparseGPT, Wanda, prune_sparsegpt, prune_wanda
+from slimkit.prune.lottery import (
+    Lottery,
+    Ticket,
+    apply_ticket,
+    find_ticket,
+    load_ticket,
+    save_ticket,
+)
 from slimkit.prune.recover import distillation_loss, recover
 from slimkit.prune.schedule import prune_iterative
 from slimkit.prune.slimming import slimming_loss, slimming_train
@@ -44,6 +52,12 @@ from slimkit.prune.sparse_store import load_sparse, save_sparse
 from slimkit.prune.unstructured import NM, Magnitude, finalize, prune_magnitude, prune_nm, sparsity
 
 __all__ = [
+    "Lottery",
+    "Ticket",
+    "apply_ticket",
+    "find_ticket",
+    "load_ticket",
+    "save_ticket",
     "prune",
     "Drop",
     "Target",
