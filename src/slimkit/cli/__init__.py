@@ -13,6 +13,7 @@ slimkit distill TEACHER   a smaller student trained by distillation
 slimkit run RECIPE        apply a recipe's steps, export, measure, write the artifact
 slimkit compress MODEL    meet size / latency / quality goals: plan, search, measure in ORT
 slimkit report DIR        the artifact's self-contained report.html
+slimkit nas               search an architecture for a latency target (supernet, ORT latency table)
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ app.command("run")(run.run_cmd)
 app.command("compress")(__import__("slimkit.cli.compress", fromlist=["_"]).compress_cmd)
 app.command("report")(report.report_cmd)
 app.command("analyze")(analyze.analyze_cmd)
+app.command("nas")(__import__("slimkit.cli.nas", fromlist=["_"]).nas_cmd)
 app.add_typer(hw.hw_app, name="hw")
 
 
