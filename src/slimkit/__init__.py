@@ -33,6 +33,9 @@ _LAZY = {
     "decompose": "slimkit.lowrank:decompose",  # sk.decompose(model, "svd", ...)
     "lowrank": "slimkit.lowrank",
     "distill": "slimkit.distill",  # callable package: sk.distill(student, teacher, config, ...)
+    "lighten": "slimkit.lightweight:lighten",  # sk.lighten(model, "separable", data=..., ...)
+    "lightweight": "slimkit.lightweight",
+    "dynamic": "slimkit.dynamic",  # early exit, skip gates: sk.dynamic.early_exit(model, ...)
     "measure_latency": "slimkit.analyze.latency:measure_latency",
     "load": "slimkit.core.artifacts:load",
     "run": "slimkit.pipeline.runner:run",  # sk.run("recipe.yaml", model=..., data=..., out=...)

@@ -161,6 +161,7 @@ TECHNIQUES = (
     "slimkit.graph_opt",
     "slimkit.lowrank",
     "slimkit.distill",
+    "slimkit.lightweight",
 )
 
 

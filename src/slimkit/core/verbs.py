@@ -67,6 +67,7 @@ TECHNIQUES: dict[str, Technique] = {
     "graph_opt": Technique("optimize", "graph optimisation", "graph_opt.optimize", False),
     "lowrank": Technique("decompose", "low-rank decomposition", "lowrank.svd", keeps_mode=True),
     "distill": Technique("distill", "distillation", "distill.response", keeps_mode=True),
+    "lightweight": Technique("lighten", "lightweight-block", "lightweight.separable", True),
 }
 
 _NEEDS_FIX = {
