@@ -63,6 +63,10 @@ def test_artifact_reloads_and_stale_files_go(tmp_path: Path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(back.eval()(x), res.model(x), atol=1e-6, rtol=0)
     assert res.onnx is not None and res.onnx.max_abs_err < 1e-4
+    # every step records the MACs before and after it (batch 1), and the report shows them
+    before, after = res.steps[0].details["changed"]["macs"]
+    assert 0 < after < 0.5 * before  # half the channels of each pair: about a quarter of MACs
+    assert f"{before:,} → {after:,}" in page
     # the same folder, now a quantized model: the pruning record would describe another model
     sk.run({"model": "zoo:cnn_bn", "steps": [{"quant.ptq": {"float_prefix": False}}]}, out=out)
     assert not (out / "pruning.json").exists()

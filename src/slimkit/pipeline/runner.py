@@ -183,11 +183,16 @@ def run(
     ctx = _Context(rec, source, data, metric, progress)
     ctx.out = Path(out) if out is not None else None
     current, records, notes = source.model, [], []
+    macs = _macs(current, ctx)
     for i, step in enumerate(rec.steps):
         say(f"step {i + 1}/{len(rec.steps)}: {step.name}")
         t0 = time.perf_counter()
         current, record = _apply(step, current, ctx)
         record.seconds = time.perf_counter() - t0
+        after = _macs(current, ctx)
+        if macs is not None and after is not None:  # what the report's steps table shows
+            record.details.setdefault("changed", {})["macs"] = [macs, after]
+        macs = after
         if record.via.startswith("handler"):
             notes.append(f"{step.name}: no verb for its technique; its handler was called")
         records.append(record)
@@ -359,6 +364,20 @@ def _apply_step(step: Step, model: nn.Module, ctx: _Context) -> tuple[nn.Module,
         out = out[0]
     pinned = _pin(step, out)
     return out, StepRecord(pinned, via, 0.0, _details(out))
+
+
+def _macs(model: nn.Module, ctx: _Context) -> int | None:
+    """Multiply-accumulates of ``model`` at batch 1 on the run's example inputs; None where they
+    cannot be counted (no example inputs, or a model the profiler cannot run)."""
+    from slimkit.analyze.profile import profile_model
+
+    example = ctx.example()
+    if example is None:
+        return None
+    try:
+        return int(profile_model(model, example).total_macs)
+    except Exception:  # counting is a courtesy of the report: it never fails a run
+        return None
 
 
 def _pin(step: Step, out: nn.Module) -> Step:

@@ -54,6 +54,7 @@ class StepRow:
     bytes: tuple[int, int] | None
     layers: str  # module types added / removed
     facts: list[str]  # metric after the step, notes, skipped parts
+    macs: tuple[int, int] | None = None  # batch 1, on the run's example inputs
 
 
 @dataclass
@@ -224,6 +225,7 @@ def step_rows(metrics: dict[str, Any]) -> list[StepRow]:
         out.append(StepRow(
             index=i + 1, name=name, via=str(s.get("via", "")), seconds=_num(s.get("seconds")),
             params=_pair(changed.get("params")), bytes=_pair(changed.get("bytes")),
+            macs=_pair(changed.get("macs")),
             layers=_layer_changes(changed.get("layers")), facts=facts,
         ))  # fmt: skip
     return out
