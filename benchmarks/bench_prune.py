@@ -20,9 +20,17 @@ on every Linear layer but the LM head, held-out perplexity (and KL to the dense 
 size (``save_sparse``: bit mask + kept values) next to the dense file. No speed is claimed: dense
 CPU kernels multiply the zeros.
 
+Part 4 (``--thinet``, results/prune_thinet.json): ThiNet (greedy channel selection by the next
+layer's reconstruction, then a least-squares refit of that layer) on the trained zoo CNNs
+(``shapes_cnn``, ``shapes_resnet18``) pruned to 70 % and 50 % of their MACs, next to l1 with the
+same uniform allocation (the same widths, so the same MACs) and l1 with the sensitivity
+allocation; top-1 on the test split one-shot (before fine-tuning) and after a short fine-tuning
+(plain cross-entropy, mean of 3 seeds). Calibration: 4 batches of 64 training images.
+
     python benchmarks/bench_prune.py --quick   # CNNs at ratio 0.3, 1 epoch, 1 seed; no part 2
     python benchmarks/bench_prune.py           # ratios 0.3 / 0.5, 3 epochs, 3 seeds; part 2
     python benchmarks/bench_prune.py --llm     # part 3 only (about 2 minutes; --quick: 30 s)
+    python benchmarks/bench_prune.py --thinet  # part 4 only (about 15 minutes; --quick: 1)
 """
 
 from __future__ import annotations
@@ -243,12 +251,102 @@ def main_llm(args: Any) -> None:
     print(f"wrote {path}")
 
 
+def thinet_rows(name: str, budgets: list[float], seeds: int, steps: int) -> list[dict[str, Any]]:
+    """Part 4: ThiNet vs l1 (uniform, sensitivity) at equal MACs, one-shot and fine-tuned."""
+    recipe = PRETRAINED.get(name)
+    task = load_task(recipe.task)
+    dense = pretrained(name, progress=False).eval()
+    x = task.test.tensors[0][:1]
+    train_x = task.train.tensors[0]
+    pick = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))[:256]
+    calib = list(train_x[pick].split(64))
+    dense_macs = macs(dense, x)
+    top1 = round(evaluate(dense, task)["top1"], 4)
+    rows: list[dict[str, Any]] = [{"model": name, "tool": "slimkit", "method": "dense",
+                                   "macs": dense_macs, "macs_fraction": 1.0,
+                                   "metric": {"top1": top1}}]  # fmt: skip
+    variants = [("thinet", "thinet", "uniform"), ("l1", "l1", "uniform"),
+                ("l1 sensitivity", "l1", "sensitivity")]  # fmt: skip
+    for budget in budgets:
+        for label, crit, alloc in variants:
+            t0 = time.perf_counter()
+            cfg = Target(
+                macs=budget,
+                allocation=alloc,  # type: ignore[arg-type]
+                channel=Channel(ratio=0.0, criterion=crit),
+            )  # type: ignore[arg-type]
+            pruned = prune_to_target(dense, cfg, example_inputs=(x,), data=calib)
+            prune_s = time.perf_counter() - t0
+            oneshot = evaluate(pruned, task)["top1"]
+            tops = []
+            for seed in range(seeds):
+                m = copy.deepcopy(pruned)
+                recover(m, task.loader("train", 64, shuffle=True), epochs=1, max_steps=steps,
+                        lr=1e-3, progress=False, weight_decay=5e-4, seed=seed)  # fmt: skip
+                tops.append(evaluate(m, task)["top1"])
+            n_macs = macs(pruned, x)
+            rows.append({
+                "model": name, "tool": "slimkit", "method": f"{label}, target macs {budget}",
+                "criterion": crit, "allocation": alloc, "target_macs": budget, "macs": n_macs,
+                "macs_fraction": round(n_macs / dense_macs, 4), "prune_s": round(prune_s, 1),
+                "seeds": seeds, "finetune_steps": steps,
+                "metric": {"top1": round(statistics.mean(tops), 4),
+                           "top1_oneshot": round(oneshot, 4),
+                           "top1_seeds": [round(t, 4) for t in tops]},
+            })  # fmt: skip
+            print(f"  {name} {rows[-1]['method']}: one-shot {oneshot:.4f}, tuned "
+                  f"{statistics.mean(tops):.4f} ({prune_s:.1f} s)", flush=True)  # fmt: skip
+    return rows
+
+
+def _thinet_checks(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    out = {}
+    for r in rows:
+        if r.get("criterion") != "thinet":
+            continue
+        l1 = next(s for s in rows if s["model"] == r["model"] and s.get("criterion") == "l1"
+                  and s.get("allocation") == "uniform"
+                  and s["target_macs"] == r["target_macs"])  # fmt: skip
+        key = f"{r['model']} @ macs {r['target_macs']}: thinet one-shot top-1 above l1's"
+        out[key] = {"ok": r["top1_oneshot"] > l1["top1_oneshot"] and r["macs"] == l1["macs"],
+                    "detail": f"{r['top1_oneshot']} vs {l1['top1_oneshot']} at {r['macs']} vs "
+                    f"{l1['macs']} MACs"}  # fmt: skip
+    return out
+
+
+def main_thinet(args: Any) -> None:
+    t0 = start(threads=1)
+    budgets, seeds, steps = ([0.5], 1, 20) if args.quick else ([0.7, 0.5], 3, 60)
+    names = ["shapes_cnn"] if args.quick else ["shapes_cnn", "shapes_resnet18"]
+    load = list(os.getloadavg())
+    rows = [r for n in names for r in thinet_rows(n, budgets, seeds, steps)]
+    for r in rows:
+        r["top1"] = r["metric"]["top1"]
+        r["top1_oneshot"] = r["metric"].get("top1_oneshot")
+    checks = _thinet_checks(rows)
+    settings = {"budgets_macs": budgets, "seeds": seeds, "finetune_steps": steps,
+                "finetune": "cross-entropy, Adam lr 1e-3, batch 64, weight decay 5e-4",
+                "calibration": "4 batches of 64 training images", "threads": 1,
+                "load_avg_start": load, "load_avg_end": list(os.getloadavg())}  # fmt: skip
+    path = write_result("prune_thinet", args, rows, settings, t0, checks=checks)
+    print_table("ThiNet vs l1 at equal MACs: one-shot and after a short fine-tuning",
+                [("model", "model"), ("method", "method"), ("MACs", "macs_fraction"),
+                 ("top-1 one-shot", "top1_oneshot"), ("top-1 tuned", "top1")], rows)  # fmt: skip
+    for k, v in checks.items():
+        print(f"{'ok ' if v['ok'] else 'NOT'} {k}: {v['detail']}")
+    print(f"wrote {path}")
+
+
 def main() -> None:
     p = parser("prune", __doc__)
     p.add_argument("--llm", action="store_true", help="part 3 only: SparseGPT / Wanda on the GPT")
+    p.add_argument("--thinet", action="store_true", help="part 4 only: ThiNet vs l1 on zoo CNNs")
     args = p.parse_args()
     if args.llm:
         main_llm(args)
+        return
+    if args.thinet:
+        main_thinet(args)
         return
     t0 = start()
     ratios, epochs, seeds = ([0.3], 1, 1) if args.quick else ([0.3, 0.5], 3, 3)

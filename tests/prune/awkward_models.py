@@ -204,5 +204,5 @@ CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], str]
     "fixed_heads": (FixedHeadsModel, lambda: torch.randn(2, 5, 16), "attn.q_proj"),
     "conv1d_text": (Conv1dText, lambda: torch.randint(0, 50, (2, 10)), "prunes"),
     "conv_transpose": (UpsampleDecoder, _img, "prunes"),
-    "grouped_conv": (GroupedConv, _img, "conv1"),
+    "grouped_conv": (GroupedConv, _img, "prunes"),  # whole conv groups
 }

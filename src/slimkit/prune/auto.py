@@ -201,7 +201,8 @@ class _Pruner:
         self.model, self.inputs, self.cfg, self.scope = model, inputs, cfg, scope
         self.graph, self.groups = eligible_groups(model, inputs, cfg.channel, scope=scope)
         gen = torch.Generator().manual_seed(cfg.channel.seed)
-        crit = cfg.channel.criterion
+        # thinet ranks from data when the final prune runs; the allocation's trial prunes use l1
+        crit = "l1" if cfg.channel.criterion == "thinet" else cfg.channel.criterion
         if crit == "taylor":
             raise ConfigError(
                 "criterion 'taylor' is not available for automatic ratios",
@@ -410,7 +411,7 @@ def _prune_to_target(
         report.update({key: round(best[2], 3), "search": tried})
     keys = {g.gid: group_key(g) for g in p.groups}
     # one plan through prune_channels so the record is the usual one (and composes with others)
-    small = prune_channels(model, target.channel, example_inputs=inputs, scope=scope,
+    small = prune_channels(model, target.channel, example_inputs=inputs, scope=scope, data=data,
                            widths={keys[g]: w for g, w in widths.items()})  # fmt: skip
     record = pruning_record(small) or {}
     report["widths"] = {keys[g]: [u, widths[g]] for g, u in _units(p)}

@@ -31,12 +31,15 @@ from pydantic import Field
 from torch import nn
 
 from slimkit.core.config import Config
+from slimkit.core.data import collect_batches
 from slimkit.core.registry import METHODS
 from slimkit.core.scope import Scope
+from slimkit.core.verbs import eval_mode
 from slimkit.errors import ConfigError, UnsupportedError
 from slimkit.prune.depgraph import DepGraph, Group, build_depgraph
 from slimkit.prune.hf_attention import sync_head_counts
 from slimkit.prune.importance import Criterion, LossFn, group_importance, taylor_saliency
+from slimkit.prune.thinet import readers, refit, thinet_scores
 
 _OUTPUT = "reaches the model output"
 Slices = dict[str, dict[int, list[int]]]  # param name -> dim -> kept positions
@@ -49,7 +52,7 @@ class Channel(Config):
     ratios: dict[str, float] = Field(
         default_factory=dict
     )  # per layer: regex of a producer -> ratio
-    criterion: Criterion = "l1"  # l1, l2, bn, taylor (needs data), fpgm, random
+    criterion: Criterion = "l1"  # l1, l2, bn, taylor (needs data), fpgm, thinet (data), random
     global_ranking: bool = False  # rank units across all groups instead of within each
     round_to: int = Field(1, ge=1)  # kept channels rounded up to a multiple (8 suits SIMD)
     min_channels: int = Field(1, ge=1)  # never keep fewer channels than this in a group
@@ -58,6 +61,7 @@ class Channel(Config):
     include: list[str] = Field(default_factory=list)  # Scope regexes of producer layers
     exclude: list[str] = Field(default_factory=list)  # Scope regexes of layers left untouched
     taylor_batches: int = Field(8, ge=1)  # batches of `data` read by criterion="taylor"
+    thinet_batches: int = Field(4, ge=1)  # batches of `data` read by criterion="thinet"
     seed: int = 0  # for criterion="random"
 
 
@@ -68,6 +72,7 @@ class ChannelPlan:
     graph: DepGraph
     remove: dict[int, list[int]] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)  # unprunable groups, with reasons
+    notes: dict[str, Any] = field(default_factory=dict)  # what the criterion adds to the record
 
     def slices(self, model: nn.Module) -> Slices:
         removed: dict[str, dict[int, set[int]]] = {}
@@ -200,10 +205,19 @@ def plan_channels(
     if cfg.criterion == "taylor":
         saliency = taylor_saliency(model, data or [], loss_fn, cfg.taylor_batches)
     gen = torch.Generator().manual_seed(cfg.seed)
-    scores = {
-        g.gid: group_importance(model, g, cfg.criterion, saliency=saliency, generator=gen)
-        for g in groups
-    }
+    if cfg.criterion == "thinet":
+        with eval_mode(model):
+            batches = _thinet_batches(data, example_inputs, cfg)
+            scores, fallback = thinet_scores(model, groups, batches)
+        if fallback:
+            plan.notes["thinet_by_l1"] = f"no Conv/Linear reads {'; '.join(fallback)}: ranked by l1"
+        scores.update({g.gid: group_importance(model, g, "l1") for g in groups
+                       if g.gid not in scores})  # fmt: skip
+    else:
+        scores = {
+            g.gid: group_importance(model, g, cfg.criterion, saliency=saliency, generator=gen)
+            for g in groups
+        }
     if not cfg.global_ranking or widths:
         for g in groups:
             if widths and group_key(g) in widths:
@@ -239,12 +253,25 @@ def plan_channels(
     return plan
 
 
+def _thinet_batches(data: Any, example_inputs: Sequence[torch.Tensor], cfg: Channel) -> list[Any]:
+    if data is None:
+        raise ConfigError(
+            "criterion 'thinet' needs calibration data",
+            fix="pass data=... (a few batches of the model's inputs; (x, y) batches are fine)",
+        )
+    return collect_batches(data, what="calibration data", n_inputs=len(example_inputs),
+                           limit=cfg.thinet_batches)  # fmt: skip
+
+
 def _fix_attributes(m: nn.Module) -> None:
     """Make a layer's width attributes agree with its (sliced) tensors."""
     if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         out, per_group = m.weight.shape[:2]
-        if m.groups > 1:  # depthwise (the only grouped conv slimkit prunes)
+        if m.groups > 1 and m.groups == m.in_channels == m.out_channels:  # depthwise
             m.groups = m.in_channels = m.out_channels = out
+        elif m.groups > 1:  # grouped: whole groups removed, per-group widths kept
+            m.groups = out // (m.out_channels // m.groups)
+            m.in_channels, m.out_channels = per_group * m.groups, out
         else:
             m.in_channels, m.out_channels = per_group, out
     elif isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
@@ -254,6 +281,8 @@ def _fix_attributes(m: nn.Module) -> None:
         m.out_features, m.in_features = m.weight.shape
     elif isinstance(m, nn.Embedding):
         m.embedding_dim = m.weight.shape[1]
+    elif isinstance(m, nn.PReLU):
+        m.num_parameters = m.weight.shape[0]
     elif isinstance(m, nn.modules.batchnorm._BatchNorm):
         ref = m.weight if m.weight is not None else m.running_mean
         assert ref is not None
@@ -320,6 +349,8 @@ def prune_channels(
     slices = plan.slices(out)
     apply_slices(out, slices)
     out.zero_grad(set_to_none=True)
+    if cfg.criterion == "thinet" and any(plan.remove.values()):
+        plan.notes["thinet_refit"] = _thinet_refit(model, out, plan, slices, inputs, data, cfg)
     previous = pruning_record(model)
     if previous and previous.get("slices"):
         slices = compose_slices(_decode(previous["slices"]), slices)
@@ -332,6 +363,7 @@ def prune_channels(
     }
     if previous and previous.get("dropped"):
         record["dropped"] = previous["dropped"]  # blocks dropped earlier (prune/blocks.py)
+    record.update(plan.notes)
     if not any(plan.remove.values()):  # a verb that changes nothing says so, and why
         why = "; ".join(plan.skipped[:3]) + (f" (and {len(plan.skipped) - 3} more)"
                                              if len(plan.skipped) > 3 else "")  # fmt: skip
@@ -345,6 +377,23 @@ def prune_channels(
         warnings.warn(f"prune.channel removed nothing: {record['nothing_removed']}", stacklevel=2)
     set_record(out, record)
     return out
+
+
+def _thinet_refit(
+    dense: nn.Module,
+    out: nn.Module,
+    plan: ChannelPlan,
+    slices: Slices,
+    inputs: tuple[torch.Tensor, ...],
+    data: Any,
+    cfg: Channel,
+) -> list[str]:
+    """Refit, by least squares, every layer ThiNet modelled whose input lost channels."""
+    names = sorted({m.module for g in plan.graph.groups if plan.remove.get(g.gid)
+                    for m in readers(dense, g)})  # fmt: skip
+    kept = {n: slices[f"{n}.weight"][0] for n in names if 0 in slices.get(f"{n}.weight", {})}
+    with eval_mode(dense), eval_mode(out):
+        return refit(dense, out, names, kept, _thinet_batches(data, inputs, cfg))
 
 
 def _as_inputs(example_inputs: Sequence[torch.Tensor] | torch.Tensor) -> tuple[torch.Tensor, ...]:

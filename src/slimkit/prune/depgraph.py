@@ -375,6 +375,12 @@ class _Builder:
             self.channelwise(lay.get(1, []), name, m, ("weight", "bias"), lossy=lossy)
             self.lay[node] = dict(lay)
             return None
+        if isinstance(m, nn.PReLU):
+            if m.num_parameters == 1:  # one slope shared by every channel
+                return self.pass_through(node, x)
+            self.channelwise(lay.get(1, []), name, m, ("weight",))
+            self.lay[node] = dict(lay)
+            return None
         if isinstance(m, _PASS_MODULES):
             return self.pass_through(node, x)
         if isinstance(m, nn.Flatten):
@@ -426,9 +432,26 @@ class _Builder:
             self.channelwise(segs, name, m, ("weight", "bias"))
             self.lay[node] = {1: list(segs)}
         else:
-            self.fail(
-                lay, f"grouped conv ties channels across {m.groups} groups: {self.where(node)}"
-            )
+            self.grouped_conv(node, name, m, segs)
+
+    def grouped_conv(self, node: fx.Node, name: str, m: nn.Module, segs: list[Seg]) -> None:
+        """Groups of a grouped conv (ResNeXt, RegNet) are pruned whole: unit ``u`` is input
+        channels ``u * in/groups ...`` with their producers, and output channels ``u * out/groups
+        ...`` with their readers, in one group; the conv keeps its per-group widths."""
+        assert isinstance(m, _CONVS)
+        g_in, g_out = m.in_channels // m.groups, m.out_channels // m.groups
+        gid, units, expand = segs[0] if len(segs) == 1 else (None, 0, 1)
+        factor = g_in // expand if g_in % expand == 0 else 0
+        if gid is None or factor == 0 or units % factor or units // factor != m.groups:
+            why = "its input is not one channel group whose units fit the conv groups"
+            self.fail({1: segs}, f"grouped conv ({m.groups} groups): {why}: {self.where(node)}")
+            return
+        if factor > 1:  # every `factor` channels of the input group become one unit
+            self.coarsen(gid, factor)
+        self.add(gid, Member(name, "weight", 0, 0, g_out, "out"))
+        if m.bias is not None:
+            self.add(gid, Member(name, "bias", 0, 0, g_out, "out"))
+        self.lay[node] = {1: [(self.find(gid), m.groups, g_out)]}
 
     def attention(
         self, node: fx.Node, name: str, m: nn.Module, lay: Layout, shape: tuple[int, ...] | None

@@ -13,6 +13,9 @@ to mean 1 first (so a Linear reading H*W columns per channel does not drown the 
   Estimation for Neural Network Pruning", CVPR 2019).
 - ``fpgm``: distance to the geometric median of the producing filters; the filters nearest the
   median are the most replaceable (He et al., "Filter Pruning via Geometric Median", CVPR 2019).
+- ``thinet``: the channels the next layer's output is best reconstructed without go first,
+  chosen greedily on calibration data, and that layer is refit by least squares (Luo et al.,
+  ICCV 2017; ``prune/thinet.py``, run by ``plan_channels`` / ``prune_channels``).
 - ``random``: a baseline.
 """
 
@@ -29,7 +32,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from slimkit.errors import ConfigError
 from slimkit.prune.depgraph import Group, Member
 
-Criterion = Literal["l1", "l2", "bn", "taylor", "fpgm", "random"]
+Criterion = Literal["l1", "l2", "bn", "taylor", "fpgm", "thinet", "random"]
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
 
@@ -135,6 +138,12 @@ def group_importance(
         ]
         vecs = torch.cat([r.float() for r in rows], dim=1)  # (units, features)
         return torch.cdist(vecs, vecs).sum(1)
+    if criterion == "thinet":
+        raise ConfigError(
+            "criterion 'thinet' ranks from calibration data, not from the weights alone",
+            fix="call prune_channels / sk.prune with data=..., or use l1, l2, bn, fpgm",
+        )
     raise ConfigError(
-        f"unknown criterion {criterion!r}", fix="use one of l1, l2, bn, taylor, fpgm, random"
+        f"unknown criterion {criterion!r}",
+        fix="use one of l1, l2, bn, taylor, fpgm, thinet, random",
     )

@@ -1,0 +1,96 @@
+"""Layers refused before: grouped convolutions (pruned group-wise) and PReLU (per-channel slopes).
+Removing zeroed units is exact (1e-5), the pruned model is smaller, exports to ONNX with ORT parity
+and reloads from its artifact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import slimkit as sk
+from slimkit.prune import Channel, build_depgraph, prune_channels
+from slimkit.prune.artifact import load_pruned, save_pruned
+
+from .awkward_models import GroupedConv
+from .test_channel import assert_exact_removal
+
+
+class ResNeXtBlock(nn.Module):
+    """Stem, a bottleneck with a grouped 3x3 (4 groups) and a residual add, PReLU activations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(16)
+        self.act0 = nn.PReLU(16)
+        self.reduce = nn.Conv2d(16, 12, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(12)
+        self.grouped = nn.Conv2d(12, 24, 3, padding=1, groups=4, bias=False)
+        self.bn2 = nn.BatchNorm2d(24)
+        self.act2 = nn.PReLU()  # one shared slope
+        self.expand = nn.Conv2d(24, 16, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(16)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act0(self.bn0(self.stem(x)))
+        y = F.relu(self.bn1(self.reduce(x)))
+        y = self.act2(self.bn2(self.grouped(y)))
+        x = F.relu(x + self.bn3(self.expand(y)))
+        return self.head(x.mean((2, 3)))
+
+
+def _model(cls: type[nn.Module]) -> nn.Module:
+    torch.manual_seed(0)
+    m = cls().eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.normal_(0, 0.1, generator=g)
+                mod.running_var.uniform_(0.5, 2, generator=g)
+            if isinstance(mod, nn.PReLU):
+                mod.weight.uniform_(0.05, 0.5, generator=g)
+    return m
+
+
+@pytest.mark.parametrize("cls", [GroupedConv, ResNeXtBlock])
+def test_zeroed_groups_and_channels_are_removed_exactly(cls: type[nn.Module]) -> None:
+    model, x = _model(cls), (torch.randn(2, 3, 8, 8),)
+    assert assert_exact_removal(model, x, Channel(ratio=0.5, criterion="random")) > 0
+
+
+def test_grouped_conv_loses_whole_groups_and_keeps_its_group_width(tmp_path: Path) -> None:
+    model, x = _model(ResNeXtBlock), (torch.randn(2, 3, 8, 8),)
+    graph = build_depgraph(model, x)
+    (g,) = [g for g in graph.groups if "grouped" in g.modules("out")]
+    assert g.prunable and g.units == 4  # the 4 conv groups: 3 input and 6 output channels each
+    assert {"reduce", "bn1", "grouped", "bn2", "expand"} <= set(g.modules())
+    stem = [g for g in graph.groups if "stem" in g.modules("out")][0]
+    assert stem.prunable and "act0" in stem.modules("norm")  # PReLU(16): one slope per channel
+    out = prune_channels(model, Channel(ratio=0.5), example_inputs=x)
+    assert (out.grouped.groups, out.grouped.in_channels, out.grouped.out_channels) == (2, 6, 12)
+    assert out.act0.num_parameters == out.stem.out_channels == 8
+    assert sum(p.numel() for p in out.parameters()) < sum(p.numel() for p in model.parameters())
+    rep = sk.export_onnx(out, tmp_path / "m.onnx", example_inputs=x, atol=1e-4)  # ORT parity
+    assert rep.max_abs_err is not None and rep.max_abs_err <= 1e-4
+    save_pruned(out, tmp_path / "art")
+    back = load_pruned(tmp_path / "art", model=model)
+    assert back.grouped.groups == 2
+    with torch.no_grad():
+        assert torch.equal(back(*x), out(*x))
+
+
+def test_a_grouped_conv_on_the_model_input_is_left_whole() -> None:
+    # removing a conv group would remove input channels too, and the model's input is fixed
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.ReLU(), nn.Conv2d(8, 2, 1)).eval()
+    x = (torch.randn(1, 4, 8, 8),)
+    graph = build_depgraph(model, x)
+    assert not [g for g in graph.prunable() if "0" in g.modules()]
+    with pytest.warns(UserWarning, match="removed nothing"):
+        pruned = prune_channels(model, Channel(ratio=0.5), example_inputs=x)
+    assert pruned[0].weight.shape == model[0].weight.shape
