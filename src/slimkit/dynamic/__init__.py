@@ -10,7 +10,14 @@
     runner = sk.dynamic.export_early_exit(ee, "out/ee", example_inputs=x[:1])
     logits, exit_index = runner(x)
 
-See ``segments`` (where a model can be cut), ``early_exit`` and ``runner``.
+- **Skipping residual blocks** (``skip_gates``): a small learned gate before each residual block
+  decides per input whether it runs; trained with distillation and a compute penalty;
+  ``export_skip_gates`` / ``OrtSkipGates`` run it in ONNX Runtime, gate by gate.
+
+    sg = sk.dynamic.skip_gates(model, sk.dynamic.SkipGates(penalty=2.0), data=train)
+    print(sg.evaluate(test))     # top1, how often each block runs, macs_saved
+
+See ``segments`` (where a model can be cut), ``early_exit``, ``skip`` and ``runner``.
 """
 
 from __future__ import annotations
@@ -23,18 +30,26 @@ from slimkit.dynamic.early_exit import (
     confidence,
     early_exit,
 )
-from slimkit.dynamic.runner import OrtEarlyExit, export_early_exit
+from slimkit.dynamic.runner import OrtEarlyExit, OrtSkipGates, export_early_exit, export_skip_gates
 from slimkit.dynamic.segments import cut_points, split
+from slimkit.dynamic.skip import GatedBlock, SkipGateModel, SkipGates, find_blocks, skip_gates
 
 __all__ = [
     "EarlyExit",
     "EarlyExitModel",
     "ExitHead",
+    "GatedBlock",
     "OrtEarlyExit",
+    "OrtSkipGates",
+    "SkipGateModel",
+    "SkipGates",
     "calibrate",
     "confidence",
     "cut_points",
     "early_exit",
     "export_early_exit",
+    "export_skip_gates",
+    "find_blocks",
+    "skip_gates",
     "split",
 ]

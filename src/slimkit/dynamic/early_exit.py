@@ -299,8 +299,15 @@ def _loss(alpha: float, temperature: float, teacher: nn.Module | None) -> Any:
     of every exit and the final head from ``teacher`` (the original model); plus labels."""
 
     def loss_fn(ee: nn.Module, batch: Any) -> torch.Tensor:
-        x, y = _split_batch(batch)
-        outs = ee.exit_logits(x)  # type: ignore[operator]
+        if isinstance(batch, dict):  # frozen backbone: features cached by _cache
+            y = batch.get("y")
+            heads: nn.ModuleList = ee.heads  # type: ignore[assignment]
+            outs = [h(f.float()) for h, f in zip(heads, batch["features"], strict=True)]
+            outs.append(batch["final"])
+            x = outs[0]
+        else:
+            x, y = _split_batch(batch)
+            outs = ee.exit_logits(x)  # type: ignore[operator]
         if teacher is None:
             ref, students = outs[-1].detach(), outs[:-1]
         else:
@@ -317,6 +324,26 @@ def _loss(alpha: float, temperature: float, teacher: nn.Module | None) -> Any:
         return total
 
     return loss_fn
+
+
+def _cache(ee: EarlyExitModel, train: list[Any]) -> list[dict[str, Any]]:
+    """One pass of the frozen backbone over ``train``: each exit's input features (fp16, to
+    halve the memory) and the final logits, so that epochs of head training cost only the
+    heads."""
+    out = []
+    ee.segments.eval()
+    with torch.no_grad():
+        for batch in train:
+            x, y = _split_batch(batch)
+            feats, h = [], x
+            for seg in ee.segments[:-1]:
+                h = seg(h)
+                feats.append(h.half())
+            item: dict[str, Any] = {"features": feats, "final": ee.segments[-1](h)}
+            if y is not None:
+                item["y"] = y
+            out.append(item)
+    return out
 
 
 def _batches(data: Any, batch_size: int) -> list[Any]:
@@ -380,7 +407,7 @@ def early_exit(
         teacher = copy.deepcopy(model).eval() if cfg.finetune else None
         fit(
             ee,
-            train,
+            train if cfg.finetune else _cache(ee, train),
             loss_fn=_loss(cfg.alpha, cfg.temperature, teacher),
             epochs=cfg.epochs,
             lr=cfg.lr,

@@ -13,22 +13,53 @@ into place, so a failed export leaves no half-written set.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import fx, nn
 
 from slimkit.dynamic.early_exit import EarlyExitModel, confidence
+from slimkit.dynamic.skip import GatedBlock, SkipGateModel
 from slimkit.errors import ExportError
 
 FORMAT = "slimkit.early_exit/1"
+
+
+@contextlib.contextmanager
+def _atomic_dir(directory: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temporary directory beside ``directory`` that replaces it when the block succeeds."""
+    out = Path(directory)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".dyn-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _read_meta(directory: str | os.PathLike[str], name: str, fmt: str, writer: str) -> Any:
+    path = Path(directory) / name
+    if not path.is_file():
+        raise ExportError(f"{directory} has no {name}", fix=f"pass a directory written by {writer}")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != fmt:
+        raise ExportError(
+            f"{path} is not a {fmt} export ({meta.get('format')!r})",
+            fix=f"re-export with slimkit.dynamic.{writer}",
+        )
+    return meta
 
 
 class _Piece(nn.Module):
@@ -56,10 +87,7 @@ def export_early_exit(
     ``directory``; each piece is checked against PyTorch in ORT (``atol``). Returns the runner."""
     from slimkit.export.onnx import export_onnx
 
-    out = Path(directory)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".ee-", dir=out.parent))
-    try:
+    with _atomic_dir(directory) as tmp:
         ee = ee.eval()
         h = example_inputs[:1]
         files = []
@@ -82,13 +110,7 @@ def export_early_exit(
             "full_macs": ee.full_macs,
         }
         (tmp / "exits.json").write_text(json.dumps(meta, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return OrtEarlyExit.load(out, threads=threads)
+    return OrtEarlyExit.load(directory, threads=threads)
 
 
 class OrtEarlyExit:
@@ -110,17 +132,7 @@ class OrtEarlyExit:
         from slimkit.export.ort import ort_session
 
         d = Path(directory)
-        meta_path = d / "exits.json"
-        if not meta_path.is_file():
-            raise ExportError(
-                f"{d} has no exits.json", fix="pass a directory written by export_early_exit"
-            )
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format") != FORMAT:
-            raise ExportError(
-                f"{meta_path} is not an early-exit export ({meta.get('format')!r})",
-                fix="re-export with slimkit.dynamic.export_early_exit",
-            )
+        meta = _read_meta(d, "exits.json", FORMAT, "export_early_exit")
         sessions = [ort_session(d / f, threads=threads) for f in meta["files"]]
         return cls(sessions, meta["thresholds"])
 
@@ -152,3 +164,132 @@ class OrtEarlyExit:
             return final, taken
         out[alive] = final
         return out, taken
+
+
+# --- learned block skipping ---------------------------------------------------------------------
+
+SKIP_FORMAT = "slimkit.skip_gates/1"
+
+
+class _Prob(nn.Module):
+    def __init__(self, gated: GatedBlock) -> None:
+        super().__init__()
+        self.gate = gated.gate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.gate(x)).flatten()
+
+
+class _GateTracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, GatedBlock) or super().is_leaf_module(m, qualname)
+
+
+def _skip_pieces(sg: SkipGateModel) -> list[tuple[str, nn.Module]]:
+    """The model as a chain of ``("plain", module)`` and ``("gated", GatedBlock)`` pieces."""
+    from torch.fx.passes.split_module import split_module
+
+    root = sg.model
+    gm = fx.GraphModule(root, _GateTracer().trace(root))
+    part: dict[str, int] = {}
+    gated: dict[str, str] = {}  # submodule name -> gated block
+    pid = 0
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and str(n.target) in sg.gated:
+            part[n.name] = pid = pid + 1
+            gated[f"submod_{pid}"] = str(n.target)
+            pid += 1
+        else:
+            part[n.name] = pid
+    whole = split_module(gm, root, lambda n: part[n.name], keep_original_order=True)
+    calls = [n for n in whole.graph.nodes if n.op == "call_module"]
+    prev = next(n for n in whole.graph.nodes if n.op == "placeholder")
+    pieces: list[tuple[str, nn.Module]] = []
+    for c in calls:
+        if list(c.args) != [prev] or c.kwargs:
+            raise ExportError(
+                f"piece {c.target} of {type(root).__name__} does not take just the previous "
+                "piece's output: a gated block is not on the model's main path",
+                fix="gate only blocks the whole input passes through (SkipGates(blocks=[...]))",
+            )
+        if str(c.target) in gated:
+            pieces.append(("gated", root.get_submodule(gated[str(c.target)])))
+        else:
+            pieces.append(("plain", getattr(whole, str(c.target))))
+        prev = c
+    return pieces
+
+
+def export_skip_gates(
+    sg: SkipGateModel,
+    directory: str | os.PathLike[str],
+    *,
+    example_inputs: torch.Tensor,
+    atol: float = 1e-4,
+    threads: int = 2,
+) -> OrtSkipGates:
+    """Write the model as ONNX pieces (plain segments; for each gated block its gate and its
+    block) and ``gates.json`` to ``directory``, each piece checked in ORT; returns the runner."""
+    from slimkit.export.onnx import export_onnx
+
+    with _atomic_dir(directory) as tmp:
+        sg = sg.eval()
+        h = example_inputs[:1]
+        meta: list[dict[str, Any]] = []
+        for k, (kind, m) in enumerate(_skip_pieces(sg)):
+            if kind == "plain":
+                export_onnx(m, tmp / f"piece_{k}.onnx", example_inputs=(h,), atol=atol)
+                meta.append({"kind": "plain", "file": f"piece_{k}.onnx"})
+            else:
+                assert isinstance(m, GatedBlock)
+                export_onnx(_Prob(m), tmp / f"gate_{k}.onnx", example_inputs=(h,), atol=atol)
+                export_onnx(m.block, tmp / f"block_{k}.onnx", example_inputs=(h,), atol=atol)
+                meta.append({"kind": "gated", "gate": f"gate_{k}.onnx",
+                             "block": f"block_{k}.onnx", "threshold": m.threshold})  # fmt: skip
+                m = m.block
+            with torch.no_grad():
+                h = m(h)
+        doc = {"format": SKIP_FORMAT, "pieces": meta, "blocks": sg.gated}
+        (tmp / "gates.json").write_text(json.dumps(doc, indent=2))
+    return OrtSkipGates.load(directory, threads=threads)
+
+
+class OrtSkipGates:
+    """Runs exported skip-gate pieces in ONNX Runtime: a gated block runs only for the samples
+    whose gate reaches its threshold."""
+
+    def __init__(self, pieces: list[dict[str, Any]]) -> None:
+        self.pieces = pieces
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str], *, threads: int = 2) -> OrtSkipGates:
+        from slimkit.export.ort import ort_session
+
+        d = Path(directory)
+        doc = _read_meta(d, "gates.json", SKIP_FORMAT, "export_skip_gates")
+        pieces = []
+        for p in doc["pieces"]:
+            sess = {k: ort_session(d / p[k], threads=threads)
+                    for k in ("file", "gate", "block") if k in p}  # fmt: skip
+            names = {k: s.get_inputs()[0].name for k, s in sess.items()}
+            pieces.append({"kind": p["kind"], "threshold": p.get("threshold"), "sessions": sess,
+                           "names": names})  # fmt: skip
+        return cls(pieces)
+
+    def __call__(self, x: Any) -> tuple[np.ndarray, np.ndarray]:
+        """``(logits, runs)``: ``runs[i, j]`` whether sample ``i`` ran gated block ``j``."""
+        h = np.ascontiguousarray(x.numpy() if isinstance(x, torch.Tensor) else x, np.float32)
+        runs = []
+        for p in self.pieces:
+            s, n = p["sessions"], p["names"]
+            if p["kind"] == "plain":
+                h = s["file"].run(None, {n["file"]: h})[0]
+                continue
+            run = s["gate"].run(None, {n["gate"]: h})[0] >= p["threshold"]
+            runs.append(run)
+            if run.all():
+                h = s["block"].run(None, {n["block"]: h})[0]
+            elif run.any():
+                h = h.copy()
+                h[run] = s["block"].run(None, {n["block"]: np.ascontiguousarray(h[run])})[0]
+        return h, np.stack(runs, 1) if runs else np.zeros((h.shape[0], 0), bool)
