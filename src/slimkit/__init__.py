@@ -36,6 +36,7 @@ _LAZY = {
     "lighten": "slimkit.lightweight:lighten",  # sk.lighten(model, "separable", data=..., ...)
     "lightweight": "slimkit.lightweight",
     "dynamic": "slimkit.dynamic",  # early exit, skip gates: sk.dynamic.early_exit(model, ...)
+    "nas": "slimkit.nas",  # architecture search: sk.nas.search_arch("shapes", latency_ms=0.1)
     "measure_latency": "slimkit.analyze.latency:measure_latency",
     "load": "slimkit.core.artifacts:load",
     "run": "slimkit.pipeline.runner:run",  # sk.run("recipe.yaml", model=..., data=..., out=...)
