@@ -1,4 +1,6 @@
-"""Layers refused before: grouped convolutions (pruned group-wise) and PReLU (per-channel slopes).
+"""Layers refused before: grouped convolutions (pruned group-wise), PReLU (per-channel slopes), and
+channel ``chunk`` / GLU gates (unit u = channel u of every piece); ``split`` by fixed sizes is
+refused by name.
 Removing zeroed units is exact (1e-5), the pruned model is smaller, exports to ONNX with ORT parity
 and reloads from its artifact."""
 
@@ -44,6 +46,37 @@ class ResNeXtBlock(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
+class Gated(nn.Module):
+    """Gated 1-d convs: chunk(2) then a * sigmoid(b), nn.GLU, F.glu, chunk(3) summed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv1d(4, 16, 3, padding=1)
+        self.conv2 = nn.Conv1d(8, 12, 3, padding=1)
+        self.glu = nn.GLU(dim=1)
+        self.conv3 = nn.Conv1d(6, 10, 1)
+        self.conv4 = nn.Conv1d(5, 18, 1)
+        self.out = nn.Conv1d(6, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.conv1(x).chunk(2, dim=1)
+        y = self.glu(self.conv2(a * torch.sigmoid(b)))
+        y = F.glu(self.conv3(y), dim=1)
+        p, q, r = torch.chunk(self.conv4(y), 3, 1)
+        return self.out(p + torch.tanh(q) * r)
+
+
+class SplitBySize(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv1d(4, 16, 3, padding=1)
+        self.out = nn.Conv1d(8, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = torch.split(self.conv1(x), 8, dim=1)  # 8 is written down: it cannot follow
+        return self.out(a * b)
+
+
 def _model(cls: type[nn.Module]) -> nn.Module:
     torch.manual_seed(0)
     m = cls().eval()
@@ -58,9 +91,13 @@ def _model(cls: type[nn.Module]) -> nn.Module:
     return m
 
 
-@pytest.mark.parametrize("cls", [GroupedConv, ResNeXtBlock])
+def _input(cls: type[nn.Module]) -> tuple[torch.Tensor, ...]:
+    return (torch.randn(2, 4, 10),) if cls in (Gated, SplitBySize) else (torch.randn(2, 3, 8, 8),)
+
+
+@pytest.mark.parametrize("cls", [GroupedConv, ResNeXtBlock, Gated])
 def test_zeroed_groups_and_channels_are_removed_exactly(cls: type[nn.Module]) -> None:
-    model, x = _model(cls), (torch.randn(2, 3, 8, 8),)
+    model, x = _model(cls), _input(cls)
     assert assert_exact_removal(model, x, Channel(ratio=0.5, criterion="random")) > 0
 
 
@@ -94,3 +131,26 @@ def test_a_grouped_conv_on_the_model_input_is_left_whole() -> None:
     with pytest.warns(UserWarning, match="removed nothing"):
         pruned = prune_channels(model, Channel(ratio=0.5), example_inputs=x)
     assert pruned[0].weight.shape == model[0].weight.shape
+
+
+def test_chunked_channels_prune_together_and_export(tmp_path: Path) -> None:
+    model, x = _model(Gated), _input(Gated)
+    graph = build_depgraph(model, x)
+    (g,) = [g for g in graph.groups if "conv1" in g.modules("out")]
+    assert g.prunable and g.units == 8  # channel u and u + 8 gate each other
+    offsets = sorted(m.offset for m in g.members if m.module == "conv1" and m.param == "weight")
+    assert offsets == [0, 8]
+    (g4,) = [g for g in graph.groups if "conv4" in g.modules("out")]
+    assert g4.units == 6 and len([m for m in g4.members if m.fqn == "conv4.weight"]) == 3
+    out = prune_channels(model, Channel(ratio=0.5), example_inputs=x)
+    widths = [out.conv1.out_channels, out.conv2.out_channels, out.conv3.out_channels]
+    assert widths == [8, 6, 6] and out.conv4.out_channels == 9 and out.out.in_channels == 3
+    rep = sk.export_onnx(out, tmp_path / "g.onnx", example_inputs=x, atol=1e-4)  # ORT parity
+    assert rep.max_abs_err is not None and rep.max_abs_err <= 1e-4
+
+
+def test_split_by_fixed_sizes_is_refused_by_name() -> None:
+    model, x = _model(SplitBySize), _input(SplitBySize)
+    (g,) = [g for g in build_depgraph(model, x).groups if "conv1" in g.modules("out")]
+    assert not g.prunable and "at node" in g.reasons[0]
+    assert "split with 8" in g.reasons[0] and "chunk into equal pieces" in g.reasons[0]

@@ -173,6 +173,7 @@ class _Builder:
         self.made_by: dict[str, int] = {}  # producer module -> its output group (shared calls)
         self.convt_bias: set[str] = set()  # transposed convs whose bias joined their group
         self.lay: dict[fx.Node, Layout] = {}
+        self.parts: dict[fx.Node, list[Layout]] = {}  # chunk / split: each piece's layout
 
     # -- groups ---------------------------------------------------------------------------------
     def new(self, units: int, kind: str = "channel") -> int:
@@ -215,6 +216,21 @@ class _Builder:
                     (s, u, e)
                     for s, u, e in segs
                 ]  # fmt: skip
+
+    def split_units(self, gid: int, parts: int) -> None:
+        """Make unit ``u`` of a group the ``parts`` channels ``u, u + n, u + 2n ...`` (n = units /
+        parts): the pieces of a chunk along the channels are computed together (GLU: a * s(b))."""
+        root = self.find(gid)
+        g = self.groups[root]
+        n = g.units // parts
+        g.members = [replace(m, offset=m.offset + k * n * m.expand)
+                     for m in g.members for k in range(parts)]  # fmt: skip
+        g.units = n
+        for lay in self.lay.values():
+            for d, segs in lay.items():
+                lay[d] = [piece for s, u, e in segs for piece in (
+                    [(s, u // parts, e)] * parts if s is not None and self.find(s) == root
+                    else [(s, u, e)])]  # fmt: skip
 
     def add(self, gid: int | None, member: Member) -> None:
         if gid is not None:
@@ -375,6 +391,8 @@ class _Builder:
             self.channelwise(lay.get(1, []), name, m, ("weight", "bias"), lossy=lossy)
             self.lay[node] = dict(lay)
             return None
+        if isinstance(m, nn.GLU):
+            return self.chunk(node, x, "glu", glu_dim=m.dim)
         if isinstance(m, nn.PReLU):
             if m.num_parameters == 1:  # one slope shared by every channel
                 return self.pass_through(node, x)
@@ -489,6 +507,8 @@ class _Builder:
         x = args[0] if args else kw.get("input")
         if fname in _SHAPE_QUERIES:
             return None
+        if fname in ("chunk", "split", "split_with_sizes", "glu"):
+            return self.chunk(node, x, fname)
         if self.shape(node) is None and fname != "getitem":  # a tuple (chunk, split, max)
             return self.fail_inputs(node, f"returns several tensors from {fname}")
         if fname in _LAYER_OPS and isinstance(t, torch._ops.OpOverload):
@@ -841,7 +861,58 @@ class _Builder:
         self.fail(self.lay[x], f"pads the channel dim: {self.where(node)}", padded)
         self.pass_through(node, x)
 
+    def chunk(self, node: fx.Node, x: Any, fname: str, glu_dim: int | None = None) -> None:
+        """``chunk`` into equal pieces (and ``glu``, which multiplies the two halves): along a
+        channel dim, unit ``u`` becomes the channels at ``u`` of every piece. ``split`` along the
+        channels hard-codes the piece sizes, so its channels are refused (it passes others)."""
+        args, kw = node.args, node.kwargs
+        shape = self.shape(x)
+        if shape is None or not isinstance(x, fx.Node) or x not in self.lay:
+            return None
+        rank = len(shape)
+        size: Any
+        if fname == "glu":
+            at = glu_dim if glu_dim is not None else args[1] if len(args) > 1 else kw.get("dim", -1)
+            dim, size = int(cast(int, at)) % rank, 2
+        else:
+            dim = int(cast(int, args[2] if len(args) > 2 else kw.get("dim", 0))) % rank
+            size = args[1] if len(args) > 1 else kw.get("chunks", kw.get("split_size_or_sections"))
+        if fname in ("chunk", "glu"):
+            pieces = int(cast(int, size))
+        elif isinstance(size, int):
+            pieces = -(-shape[dim] // size)
+        else:
+            pieces = len(cast(Sequence[int], size))
+        lay = self.lay[x]
+        getitems = all(u.op == "call_function" and _op_name(u.target) == "getitem"
+                       and isinstance(u.args[1], int) for u in node.users)  # fmt: skip
+        if fname != "glu" and not getitems:  # the tuple itself is used: pieces not followed
+            return self.fail(lay, f"uses the pieces of {fname} as a tuple: {self.where(node)}")
+        segs = lay.get(dim, [])
+        if segs:
+            gid, units, _ = segs[0]
+            ok = fname != "split" and fname != "split_with_sizes" and len(segs) == 1
+            ok = ok and gid is not None and units % pieces == 0 and shape[dim] % pieces == 0
+            if not ok:
+                self.fail(lay, f"splits channels into pieces it cannot follow ({fname} with "
+                          f"{size}; chunk into equal pieces follows): {self.where(node)}",
+                          [dim])  # fmt: skip
+                lay = {d: s for d, s in lay.items() if d != dim}
+            else:
+                self.split_units(cast(int, gid), pieces)
+                lay = self.lay[x]
+        piece = [{d: list(s[i::pieces]) if d == dim else list(s) for d, s in lay.items()}
+                 for i in range(pieces)]  # fmt: skip
+        if fname == "glu":
+            self.lay[node] = piece[0]
+        else:
+            self.parts[node] = piece
+        return None
+
     def getitem(self, node: fx.Node, x: Any) -> None:
+        if x in self.parts:  # a piece of a chunk / split (chunk checked: an int index)
+            self.lay[node] = self.parts[x][cast(int, node.args[1])]
+            return None
         shape = self.shape(x)
         if shape is None or x not in self.lay:
             return None  # indexing a tuple (e.g. an LSTM's output): its producer decided
