@@ -22,7 +22,7 @@ def nas_cmd(
         "space's smallest and largest network)",
     ),  # fmt: skip
     trials: int = typer.Option(60, min=1, help="architectures the search evaluates"),
-    strategy: str = typer.Option("nsga2", help="nsga2 | random"),
+    strategy: str = typer.Option("nsga2", help="nsga2 | random | rl"),
     space: Path | None = typer.Option(None, help="search space YAML (default: the shapes one)"),
     supernet_epochs: int = typer.Option(4, min=1, help="supernet training epochs"),
     finetune_epochs: int = typer.Option(2, min=1, help="fine-tuning epochs of the chosen net"),

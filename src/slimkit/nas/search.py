@@ -27,7 +27,7 @@ from slimkit.errors import ConfigError
 from slimkit.nas.space import Arch, CNNSpace
 from slimkit.nas.supernet import SuperNet, recalibrate_bn
 
-STRATEGIES = ("nsga2", "random")
+STRATEGIES = ("nsga2", "random", "rl")
 
 
 @dataclass(frozen=True)
@@ -190,6 +190,9 @@ def search(space: CNNSpace, evaluate: Callable[[Arch], Candidate], *, trials: in
     re-drawn with probability 2 / genes) and elitist selection of the next population from
     parents and children, under constraint domination (latency <= target) on ``objectives``
     (any of ``top1``, ``latency``, ``params``). ``"random"``: every gene drawn uniformly.
+    ``"rl"``: a REINFORCE controller (Williams, 1992; as in Zoph & Le's NAS and MnasNet), one
+    softmax per gene, rewarded with ``top1 * min(1, target / latency)**2`` against a moving
+    average baseline.
     """
     if strategy not in STRATEGIES:
         raise ConfigError(f"unknown search strategy {strategy!r}",
@@ -232,8 +235,14 @@ def search(space: CNNSpace, evaluate: Callable[[Arch], Candidate], *, trials: in
         return _objectives(c, objectives), max(0.0, c.latency_ms - target_ms)
 
     pop: list[tuple[list[int], Candidate]] = []
+    controller = _Reinforce(choices, rng) if strategy == "rl" else None
     while len(result.trials) < trials and stalls[0] < 100:
-        if strategy == "random" or len(pop) < population:
+        if controller is not None:
+            got = trial(controller.sample())
+            if got is not None:
+                c = got[1]
+                controller.update(got[0], c.top1 * min(1.0, target_ms / c.latency_ms) ** 2)
+        elif strategy == "random" or len(pop) < population:
             got = trial(draw())
             if got is not None and strategy == "nsga2":
                 pop.append(got)
@@ -261,3 +270,32 @@ def search(space: CNNSpace, evaluate: Callable[[Arch], Candidate], *, trials: in
             order = sorted(range(len(merged)), key=lambda i: (rank[i], -crowd[i]))
             pop = [merged[i] for i in order[:population]]
     return result
+
+
+class _Reinforce:
+    """Independent softmax policies over each gene's choices, trained by REINFORCE."""
+
+    def __init__(self, choices: list[list[int]], rng: random.Random, lr: float = 2.0,
+                 decay: float = 0.8) -> None:  # fmt: skip
+        self.choices, self.rng, self.lr, self.decay = choices, rng, lr, decay
+        self.logits = [[0.0] * len(c) for c in choices]
+        self.baseline: float | None = None
+
+    def _probs(self, g: int) -> list[float]:
+        top = max(self.logits[g])
+        e = [math.exp(v - top) for v in self.logits[g]]
+        return [v / sum(e) for v in e]
+
+    def sample(self) -> list[int]:
+        return [self.rng.choices(c, weights=self._probs(g))[0] for g, c in enumerate(self.choices)]
+
+    def update(self, genes: list[int], reward: float) -> None:
+        if self.baseline is None:
+            self.baseline = reward
+        advantage = reward - self.baseline
+        self.baseline = self.decay * self.baseline + (1 - self.decay) * reward
+        for g, value in enumerate(genes):
+            probs = self._probs(g)
+            k = self.choices[g].index(value)
+            for j, p in enumerate(probs):  # d log p(k) / d logit j = [j == k] - p_j
+                self.logits[g][j] += self.lr * advantage * ((j == k) - p)
