@@ -194,9 +194,9 @@ def search_arch(
     Without ``latency_ms`` the target is halfway between the smallest and the largest network.
     Steps: measure and calibrate the latency table (cached per machine), train the supernet
     (sandwich rule), search (``"nsga2"``, ``"random"`` or ``"rl"``; ``trials`` architectures),
-    extract the best, fine-tune it with distillation from the largest sub-network, evaluate it on the test
-    split and measure it in ORT. ``max_steps`` caps the optimizer steps of the supernet training
-    and of the fine-tuning (a quick run). The search keeps a ``margin`` below the target (a
+    extract the best, fine-tune it with distillation from the largest sub-network, evaluate it on
+    the test split and measure it in ORT. ``max_steps`` caps the optimizer steps of the supernet
+    training and of the fine-tuning (a quick run). The search keeps a ``margin`` below the target (a
     fraction; default: the latency model's median error on its held-out networks), so that the
     chosen network still meets the target when measured.
     """
