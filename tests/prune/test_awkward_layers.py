@@ -66,6 +66,25 @@ class Gated(nn.Module):
         return self.out(p + torch.tanh(q) * r)
 
 
+class DenseBlock(nn.Module):
+    """DenseNet-style: each layer's output concatenated to its input, BN over the concatenation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1, self.c1 = nn.BatchNorm2d(8), nn.Conv2d(8, 4, 3, padding=1)
+        self.bn2, self.c2 = nn.BatchNorm2d(12), nn.Conv2d(12, 4, 3, padding=1)
+        self.bn3, self.trans = nn.BatchNorm2d(16), nn.Conv2d(16, 8, 1)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.cat([x, self.c1(F.relu(self.bn1(x)))], 1)
+        x = torch.cat([x, self.c2(F.relu(self.bn2(x)))], 1)
+        x = self.trans(F.relu(self.bn3(x)))
+        return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
 class SplitBySize(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -95,7 +114,7 @@ def _input(cls: type[nn.Module]) -> tuple[torch.Tensor, ...]:
     return (torch.randn(2, 4, 10),) if cls in (Gated, SplitBySize) else (torch.randn(2, 3, 8, 8),)
 
 
-@pytest.mark.parametrize("cls", [GroupedConv, ResNeXtBlock, Gated])
+@pytest.mark.parametrize("cls", [GroupedConv, ResNeXtBlock, Gated, DenseBlock])
 def test_zeroed_groups_and_channels_are_removed_exactly(cls: type[nn.Module]) -> None:
     model, x = _model(cls), _input(cls)
     assert assert_exact_removal(model, x, Channel(ratio=0.5, criterion="random")) > 0
@@ -154,3 +173,12 @@ def test_split_by_fixed_sizes_is_refused_by_name() -> None:
     (g,) = [g for g in build_depgraph(model, x).groups if "conv1" in g.modules("out")]
     assert not g.prunable and "at node" in g.reasons[0]
     assert "split with 8" in g.reasons[0] and "chunk into equal pieces" in g.reasons[0]
+
+
+def test_dense_concatenation_prunes_every_layer_and_exports(tmp_path: Path) -> None:
+    model, x = _model(DenseBlock), _input(DenseBlock)
+    out = prune_channels(model, Channel(ratio=0.5), example_inputs=x)
+    assert [out.stem.out_channels, out.c1.out_channels, out.c2.out_channels] == [4, 2, 2]
+    assert out.bn3.num_features == out.trans.in_channels == 8  # the concatenation, pruned
+    rep = sk.export_onnx(out, tmp_path / "d.onnx", example_inputs=x, atol=1e-4)  # ORT parity
+    assert rep.max_abs_err is not None and rep.max_abs_err <= 1e-4
