@@ -4,6 +4,7 @@ meets its predicted target, and its artifact reloads to the same outputs and run
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,8 +13,9 @@ import yaml
 from typer.testing import CliRunner
 
 from slimkit.cli import app
-from slimkit.errors import ConfigError
+from slimkit.errors import ConfigError, RegistryError
 from slimkit.nas import Arch, CNNSpace, StageSpace, load, search_arch
+from slimkit.nas.api import check_task
 
 
 def tiny() -> CNNSpace:
@@ -53,8 +55,16 @@ def test_nas_command_writes_a_model_that_reloads_and_runs_in_ort(tmp_path, monke
     assert CNNSpace.from_dict(spec["space"]) == tiny()
 
 
-def test_search_arch_rejects_a_task_that_does_not_fit(tmp_path):
+def test_a_task_that_does_not_fit_the_space_is_rejected(tmp_path):
+    digits = SimpleNamespace(name="digits", kind="classification", input_shape=(1, 8, 8),
+                             num_classes=10)  # fmt: skip
     with pytest.raises(ConfigError, match="does not fit the search space"):
-        search_arch("digits", space=tiny(), trials=2)
+        check_task(tiny(), digits)
+    shapes = SimpleNamespace(name="s", kind="classification", input_shape=(3, 32, 32),
+                             num_classes=4)  # fmt: skip
+    with pytest.raises(ConfigError, match="num_classes: 4"):
+        check_task(tiny(), shapes)
+    with pytest.raises(RegistryError, match="did you mean 'shapes'"):
+        search_arch("shapez", space=tiny(), trials=2)
     with pytest.raises(ConfigError, match="no arch.yaml"):
         load(tmp_path)
