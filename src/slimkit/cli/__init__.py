@@ -44,6 +44,7 @@ app.command("compress")(__import__("slimkit.cli.compress", fromlist=["_"]).compr
 app.command("report")(report.report_cmd)
 app.command("analyze")(analyze.analyze_cmd)
 app.command("nas")(__import__("slimkit.cli.nas", fromlist=["_"]).nas_cmd)
+app.command("dynamic")(__import__("slimkit.cli.dynamic", fromlist=["_"]).dynamic_cmd)
 app.add_typer(hw.hw_app, name="hw")
 
 

@@ -407,7 +407,7 @@ def early_exit(
         teacher = copy.deepcopy(model).eval() if cfg.finetune else None
         fit(
             ee,
-            train if cfg.finetune else _cache(ee, train),
+            train if cfg.finetune else _cache(ee, train[: cfg.max_steps]),
             loss_fn=_loss(cfg.alpha, cfg.temperature, teacher),
             epochs=cfg.epochs,
             lr=cfg.lr,
