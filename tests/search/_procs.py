@@ -10,6 +10,7 @@ from typing import Any
 # one epoch of distilled fine-tuning per trial: seconds, so a kill lands mid-trial
 SLOW_SPACE = {
     "prune_macs": [0.5, 0.75],
+    "prune_allocation": ["uniform"],
     "lowrank_energy": [0.0],
     "recovery_epochs": [1],
     "quant": ["fp32", "int8"],

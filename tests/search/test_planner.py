@@ -63,3 +63,29 @@ def test_plan_for_a_small_size_budget_uses_mixed_precision() -> None:
     assert p.params["quant"] == "mixed" and p.params["prune_macs"] == 1.0
     step = sp.steps(p.params)[-1]
     assert step.name == "quant.mixed" and step.config.to_dict()["max_size_mb"] == 0.15
+
+
+def test_per_layer_allocation_is_a_knob_only_when_pruning() -> None:
+    sp = build_space(METHODS, training="finetune", size_mb=None, source_size_mb=1.0)
+    assert sp.choices["prune_allocation"] == ("uniform", "sensitivity")
+    assert "prune_allocation" not in sp.complete({"prune_macs": 1.0})
+    (step,) = sp.steps({"prune_macs": 0.5, "prune_allocation": "sensitivity", "quant": "fp32",
+                        "recovery_epochs": 0})  # fmt: skip
+    assert step.name == "prune.auto" and step.config.to_dict()["allocation"] == "sensitivity"
+    uniform = sp.steps({"prune_macs": 0.5, "quant": "fp32", "recovery_epochs": 0})[0]
+    assert uniform.config.to_dict()["allocation"] == "uniform"
+
+
+def test_a_sensitivity_step_in_a_recipe_reads_the_models_own_data() -> None:
+    import slimkit as sk
+    from slimkit.prune import pruning_record
+
+    recipe = {
+        "model": "zoo:cnn_bn",
+        "steps": [{"prune.auto": {"macs": 0.6, "allocation": "sensitivity", "levels": 4}}],
+    }
+    res = sk.run(recipe)  # no data given: the zoo model's random inputs feed the sensitivity
+    auto = (pruning_record(res.model) or {})["auto"]
+    assert auto["target"]["allocation"] == "sensitivity"
+    before, after = res.steps[0].details["changed"]["macs"]
+    assert after <= 0.6 * before * 1.05

@@ -352,8 +352,8 @@ def _apply_step(step: Step, model: nn.Module, ctx: _Context) -> tuple[nn.Module,
         kwargs["scope"] = step.scope.to_scope()
     if step.name == "quant.qat" and not ctx.explicit_data and ctx.source.task is not None:
         kwargs["data"] = _train_split(ctx, step)  # training, not the calibration samples
-    elif technique == "quant":
-        kwargs["data"] = ctx.data(need=step.name)
+    elif technique == "quant" or getattr(step.config, "allocation", None) == "sensitivity":
+        kwargs["data"] = ctx.data(need=step.name)  # calibration: the zoo model's own by default
     elif ctx.explicit_data:
         kwargs["data"] = ctx.data()
     fn, via, is_verb = _callee(step.name)

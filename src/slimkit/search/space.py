@@ -4,6 +4,8 @@ A candidate is one value per knob; ``Space.steps(params)`` makes it the ordered 
 planner uses too (structure first, then recovery, then quantization)::
 
     prune_macs       fraction of the source MACs kept (prune.auto)           1.0 = no pruning
+    prune_allocation how prune.auto spreads that over the layers: one ratio for all (uniform) or
+                     per-layer ratios from each layer's measured sensitivity (sensitivity)
     lowrank_energy   spectral energy kept by truncated SVD (lowrank.svd)    0 = off
     recovery_epochs  fine-tuning after a structural change, distilled from the source
                      (the zoo task's ``finetune`` step, else distill.response on the data)
@@ -28,11 +30,17 @@ from slimkit.pipeline.recipe import Step, config_class
 
 KNOBS: dict[str, tuple[Any, ...]] = {
     "prune_macs": (1.0, 0.75, 0.5, 0.35, 0.25),
+    "prune_allocation": ("uniform", "sensitivity"),
     "lowrank_energy": (0.0, 0.99, 0.95, 0.9),
     "recovery_epochs": (0, 1, 2),
     "quant": ("fp32", "int8", "mixed"),
 }
-METHOD_OF = {"prune_macs": "prune.auto", "lowrank_energy": "lowrank.svd", "quant": "quant.ptq"}
+METHOD_OF = {
+    "prune_macs": "prune.auto",
+    "prune_allocation": "prune.auto",
+    "lowrank_energy": "lowrank.svd",
+    "quant": "quant.ptq",
+}
 MIXED_BELOW = 0.35  # a size budget under this fraction of the fp32 file needs < 8 bits
 
 
@@ -51,6 +59,8 @@ class Space:
         for knob, values in self.choices.items():
             if knob == "recovery_epochs" and not structural(params):
                 continue
+            if knob == "prune_allocation" and params.get("prune_macs", 1.0) >= 1.0:
+                continue
             params[knob] = trial.suggest_categorical(knob, list(values))
         return params
 
@@ -60,6 +70,8 @@ class Space:
         out.update(params)
         if not structural(out):
             out.pop("recovery_epochs", None)
+        if out.get("prune_macs", 1.0) >= 1.0:
+            out.pop("prune_allocation", None)
         return out
 
     def steps(self, params: Mapping[str, Any]) -> list[Step]:
@@ -67,7 +79,10 @@ class Space:
         p = self.complete(params)
         steps: list[Step] = []
         if p.get("prune_macs", 1.0) < 1.0:
-            steps.append(_step("prune.auto", {"macs": p["prune_macs"]}))
+            fields = {"macs": p["prune_macs"]}
+            if p.get("prune_allocation", "uniform") != "uniform":
+                fields["allocation"] = p["prune_allocation"]
+            steps.append(_step("prune.auto", fields))
         if p.get("lowrank_energy", 0.0) > 0.0:
             steps.append(_step("lowrank.svd", {"energy": p["lowrank_energy"]}))
         epochs = int(p.get("recovery_epochs", 0) or 0)
