@@ -27,10 +27,16 @@ same uniform allocation (the same widths, so the same MACs) and l1 with the sens
 allocation; top-1 on the test split one-shot (before fine-tuning) and after a short fine-tuning
 (plain cross-entropy, mean of 3 seeds). Calibration: 4 batches of 64 training images.
 
+Part 5 (``--amc``, results/prune_amc.json): the same models and budgets, widths chosen by the
+AMC policy-gradient agent (48 episodes, reward: top-1 agreement with the dense model minus the
+relative output error on 2 calibration batches), l1 within layers; the MACs measured again on the
+result; one-shot and fine-tuned as in part 4 (compare with part 4's l1 rows).
+
     python benchmarks/bench_prune.py --quick   # CNNs at ratio 0.3, 1 epoch, 1 seed; no part 2
     python benchmarks/bench_prune.py           # ratios 0.3 / 0.5, 3 epochs, 3 seeds; part 2
     python benchmarks/bench_prune.py --llm     # part 3 only (about 2 minutes; --quick: 30 s)
     python benchmarks/bench_prune.py --thinet  # part 4 only (about 15 minutes; --quick: 1)
+    python benchmarks/bench_prune.py --amc     # part 5 only (results/prune_amc.json)
 """
 
 from __future__ import annotations
@@ -251,8 +257,13 @@ def main_llm(args: Any) -> None:
     print(f"wrote {path}")
 
 
-def thinet_rows(name: str, budgets: list[float], seeds: int, steps: int) -> list[dict[str, Any]]:
-    """Part 4: ThiNet vs l1 (uniform, sensitivity) at equal MACs, one-shot and fine-tuned."""
+def thinet_rows(
+    name: str, budgets: list[float], seeds: int, steps: int, amc: bool = False
+) -> list[dict[str, Any]]:
+    """Part 4: ThiNet vs l1 (uniform, sensitivity) at equal MACs, one-shot and fine-tuned; with
+    ``amc``, part 5: the AMC agent's widths (l1 within layers) instead."""
+    from slimkit.prune import AMC, prune_amc
+
     recipe = PRETRAINED.get(name)
     task = load_task(recipe.task)
     dense = pretrained(name, progress=False).eval()
@@ -267,15 +278,18 @@ def thinet_rows(name: str, budgets: list[float], seeds: int, steps: int) -> list
                                    "metric": {"top1": top1}}]  # fmt: skip
     variants = [("thinet", "thinet", "uniform"), ("l1", "l1", "uniform"),
                 ("l1 sensitivity", "l1", "sensitivity")]  # fmt: skip
+    if amc:
+        variants = [("amc", "l1", "amc")]
     for budget in budgets:
         for label, crit, alloc in variants:
             t0 = time.perf_counter()
-            cfg = Target(
-                macs=budget,
-                allocation=alloc,  # type: ignore[arg-type]
-                channel=Channel(ratio=0.0, criterion=crit),
-            )  # type: ignore[arg-type]
-            pruned = prune_to_target(dense, cfg, example_inputs=(x,), data=calib)
+            channel = Channel(ratio=0.0, criterion=crit)  # type: ignore[arg-type]
+            if alloc == "amc":
+                agent = AMC(macs=budget, episodes=48, channel=channel)
+                pruned = prune_amc(dense, agent, example_inputs=(x,), data=calib)
+            else:
+                cfg = Target(macs=budget, allocation=alloc, channel=channel)  # type: ignore[arg-type]
+                pruned = prune_to_target(dense, cfg, example_inputs=(x,), data=calib)
             prune_s = time.perf_counter() - t0
             oneshot = evaluate(pruned, task)["top1"]
             tops = []
@@ -302,6 +316,12 @@ def thinet_rows(name: str, budgets: list[float], seeds: int, steps: int) -> list
 def _thinet_checks(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out = {}
     for r in rows:
+        if r.get("allocation") == "amc":
+            out[f"{r['model']} @ macs {r['target_macs']}: amc budget met on re-measurement"] = {
+                "ok": r["macs_fraction"] <= r["target_macs"],
+                "detail": f"{r['macs_fraction']} of the dense MACs (profile_model on the result)",
+            }
+    for r in rows:
         if r.get("criterion") != "thinet":
             continue
         l1 = next(s for s in rows if s["model"] == r["model"] and s.get("criterion") == "l1"
@@ -319,7 +339,7 @@ def main_thinet(args: Any) -> None:
     budgets, seeds, steps = ([0.5], 1, 20) if args.quick else ([0.7, 0.5], 3, 60)
     names = ["shapes_cnn"] if args.quick else ["shapes_cnn", "shapes_resnet18"]
     load = list(os.getloadavg())
-    rows = [r for n in names for r in thinet_rows(n, budgets, seeds, steps)]
+    rows = [r for n in names for r in thinet_rows(n, budgets, seeds, steps, amc=args.amc)]
     for r in rows:
         r["top1"] = r["metric"]["top1"]
         r["top1_oneshot"] = r["metric"].get("top1_oneshot")
@@ -328,8 +348,11 @@ def main_thinet(args: Any) -> None:
                 "finetune": "cross-entropy, Adam lr 1e-3, batch 64, weight decay 5e-4",
                 "calibration": "4 batches of 64 training images", "threads": 1,
                 "load_avg_start": load, "load_avg_end": list(os.getloadavg())}  # fmt: skip
-    path = write_result("prune_thinet", args, rows, settings, t0, checks=checks)
-    print_table("ThiNet vs l1 at equal MACs: one-shot and after a short fine-tuning",
+    if args.amc:
+        settings["amc"] = {"episodes": 48, "batch": 4, "sigma": 0.1, "calibration_batches": 2}
+    path = write_result("prune_amc" if args.amc else "prune_thinet", args, rows, settings, t0,
+                        checks=checks)  # fmt: skip
+    print_table("ThiNet / AMC vs l1 at equal MACs: one-shot and after a short fine-tuning",
                 [("model", "model"), ("method", "method"), ("MACs", "macs_fraction"),
                  ("top-1 one-shot", "top1_oneshot"), ("top-1 tuned", "top1")], rows)  # fmt: skip
     for k, v in checks.items():
@@ -341,11 +364,12 @@ def main() -> None:
     p = parser("prune", __doc__)
     p.add_argument("--llm", action="store_true", help="part 3 only: SparseGPT / Wanda on the GPT")
     p.add_argument("--thinet", action="store_true", help="part 4 only: ThiNet vs l1 on zoo CNNs")
+    p.add_argument("--amc", action="store_true", help="part 5 only: AMC's widths on zoo CNNs")
     args = p.parse_args()
     if args.llm:
         main_llm(args)
         return
-    if args.thinet:
+    if args.thinet or args.amc:
         main_thinet(args)
         return
     t0 = start()

@@ -23,6 +23,7 @@ from torch import nn
 from slimkit.core.config import Config
 from slimkit.core.scope import Scope
 from slimkit.core.verbs import dispatch, make_callable
+from slimkit.prune.amc import AMC, prune_amc
 from slimkit.prune.artifact import load_pruned, save_pruned
 from slimkit.prune.auto import Target, prune_to_target
 from slimkit.prune.blocks import Drop, drop_blocks
@@ -93,6 +94,8 @@ __all__ = [
     "prune_wanda",
     "save_sparse",
     "load_sparse",
+    "AMC",
+    "prune_amc",
 ]
 
 
