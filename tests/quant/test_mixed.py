@@ -171,6 +171,16 @@ def test_a_recipe_step_runs_and_exports_packed(model, tmp_path: Path) -> None:
     assert res.quant_method == "quant.mixed" and res.export_kind == "qdq"
     assert (tmp_path / "a" / "model.onnx").stat().st_size <= 0.03e6
     assert res.kernels is not None and res.kernels.integer > 0
+    # the recipe written beside it pins the plan it solved: a rerun applies it exactly
+    from slimkit.pipeline.recipe import Recipe
+
+    pinned = Recipe.load(tmp_path / "a" / "recipe.yaml").steps[0].config
+    assert pinned.plan == res.model.meta["slimkit"]["plan"]  # type: ignore[attr-defined]
+    again = sk.run(tmp_path / "a" / "recipe.yaml", model=model, data=_calib())
+    assert again.model.meta["slimkit"]["plan"] == pinned.plan
+    x = _calib()[0]
+    with torch.no_grad():
+        torch.testing.assert_close(again.model(x), res.model(x), rtol=0, atol=1e-6)
 
 
 def test_cli_writes_a_plan_under_the_budget_and_applies_it_back(tmp_path: Path) -> None:

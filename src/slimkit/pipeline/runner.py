@@ -389,6 +389,11 @@ def _pin(step: Step, out: nn.Module) -> Step:
         meta = getattr(out, "meta", {}).get("slimkit", {})  # True: timed; False: none
         cfg = cfg.replace(float_prefix=list(meta.get("float_prefix_layers", [])),
                           speed_check=False)  # fmt: skip
+    if step.name == "quant.mixed" and getattr(cfg, "plan", None) is None:
+        # solved from sensitivities under a budget: the plan it chose, applied exactly on rerun
+        plan = getattr(out, "meta", {}).get("slimkit", {}).get("plan")
+        if isinstance(plan, dict) and plan:
+            cfg = cfg.replace(plan=dict(plan))
     speedup = getattr(cfg, "speedup", None)
     if step.name == "prune.auto" and speedup is not None and getattr(cfg, "hw", None) is None:
         from slimkit.prune import pruning_record  # measured here: pin the MAC budget it chose

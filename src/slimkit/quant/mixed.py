@@ -49,6 +49,7 @@ from torch import nn
 
 from slimkit.core.config import Config
 from slimkit.core.data import Batch, collect_batches, flatten_output
+from slimkit.core.io import atomic_write
 from slimkit.core.registry import METHODS, did_you_mean
 from slimkit.core.scope import Scope
 from slimkit.errors import ConfigError
@@ -286,7 +287,8 @@ def save_plan(result: nn.Module | dict[str, Any], path: str | Path) -> Path:
         lines.append(f"  {yaml.safe_dump(name).splitlines()[0]}: {info['format']}  # {comment}")
     lines += ["", *("# " + t for t in str(rec.get("distribution", "")).splitlines())]
     dest = Path(path)
-    dest.write_text("\n".join(lines) + "\n")
+    with atomic_write(dest) as f:
+        f.write("\n".join(lines) + "\n")
     return dest
 
 
