@@ -7,11 +7,13 @@ recipe (epochs, learning rate, batch size, weight decay); test top-1 is measured
 of each run (the validation split is only recorded).
 
     .venv/bin/python benchmarks/bench_lottery.py            # digits_cnn, 80 %, 4 rounds, 3 seeds
+    .venv/bin/python benchmarks/bench_lottery.py --model shapes_cnn --rounds 2
     .venv/bin/python benchmarks/bench_lottery.py --quick    # 1 seed, 2 rounds, 4 epochs
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 import sys
 import time
@@ -20,7 +22,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _common import parser, print_table, start, write_result  # noqa: E402
+from _common import RESULTS, parser, print_table, start, write_result  # noqa: E402
 from slimkit.core.io import load_into  # noqa: E402
 from slimkit.prune.lottery import Lottery, find_ticket  # noqa: E402
 from slimkit.prune.unstructured import sparsity  # noqa: E402
@@ -57,11 +59,12 @@ def main() -> None:
     p.add_argument("--model", default="digits_cnn", help="a trained zoo CNN (its recipe is used)")
     p.add_argument("--sparsity", type=float, default=0.8)
     p.add_argument("--rewind-epoch", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=4, help="prune-rewind-retrain rounds")
     args = p.parse_args()
     t0 = start()
     recipe = PRETRAINED.get(args.model)
     epochs = 4 if args.quick else recipe.epochs
-    cfg = Lottery(sparsity=args.sparsity, rounds=2 if args.quick else 4, epochs=epochs,
+    cfg = Lottery(sparsity=args.sparsity, rounds=2 if args.quick else args.rounds, epochs=epochs,
                   rewind_epoch=min(args.rewind_epoch, epochs - 1), lr=recipe.lr,
                   optimizer=recipe.optimizer, weight_decay=recipe.weight_decay,
                   control=True)  # fmt: skip
@@ -87,8 +90,17 @@ def main() -> None:
                 [("model", "model"), ("method", "method"), ("sparsity", "sparsity"),
                  ("top-1", "top1"), ("sd", "top1_sd"), ("drop vs dense", "drop_vs_dense"),
                  ("seeds ticket > control", "beats_control_seeds")], shown)  # fmt: skip
-    path = write_result("lottery", args, rows, {"config": cfg.to_dict(), "seeds": seeds}, t0,
-                        runs=runs)  # fmt: skip
+    # one file for every model benchmarked: this model's rows replace its previous ones
+    old = RESULTS / f"lottery{'_quick' if args.quick else ''}.json"
+    kept, kept_runs, settings = [], {}, {}
+    if args.json is None and old.is_file():
+        prev = json.loads(old.read_text())
+        kept = [r for r in prev.get("rows", []) if r.get("model") != args.model]
+        kept_runs = {k: v for k, v in prev.get("runs", {}).items() if k != args.model}
+        settings = {k: v for k, v in prev.get("settings", {}).items() if k != args.model}
+    settings[args.model] = {"config": cfg.to_dict(), "seeds": seeds}
+    path = write_result("lottery", args, kept + rows, settings, t0,
+                        runs={**kept_runs, args.model: runs})  # fmt: skip
     print(f"wrote {path}")
 
 
