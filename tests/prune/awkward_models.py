@@ -196,7 +196,7 @@ CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[], torch.Tensor], str]
     "bn_after_relu": (BNAfterReLU, _img, "prunes"),
     "pad_spatial": (PadSpatial, lambda: torch.randn(2, 3, 8, 8), "prunes"),
     "pad_channels": (PadChannels, _img, "conv1"),
-    "permute_reshape": (PermuteReshape, _img, "conv1"),
+    "permute_reshape": (PermuteReshape, _img, "prunes"),  # interleaved Linear columns
     "hard_coded_view": (HardCodedView, _img, "conv1"),
     "dynamic_view": (DynamicView, _img, "prunes"),
     "residual_concat": (ResidualConcat, _img, "prunes"),

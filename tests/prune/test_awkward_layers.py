@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import slimkit as sk
-from slimkit.prune import Channel, build_depgraph, prune_channels
+from slimkit.prune import Channel, build_depgraph, prune_channels, pruning_record
 from slimkit.prune.artifact import load_pruned, save_pruned
 
 from .awkward_models import GroupedConv
@@ -182,3 +182,36 @@ def test_dense_concatenation_prunes_every_layer_and_exports(tmp_path: Path) -> N
     assert out.bn3.num_features == out.trans.in_channels == 8  # the concatenation, pruned
     rep = sk.export_onnx(out, tmp_path / "d.onnx", example_inputs=x, atol=1e-4)  # ORT parity
     assert rep.max_abs_err is not None and rep.max_abs_err <= 1e-4
+
+
+class AudioHead(nn.Module):
+    """A (channels, time) map, permuted to (time, channels) and flattened into a Linear: the
+    Linear's column t * C + c reads channel c, so channel c owns T interleaved columns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(4, 8, 3, padding=1)
+        self.prelu = nn.PReLU(8)
+        self.fc = nn.Linear(10 * 8, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 4, 10)
+        h = self.prelu(self.conv(x)).permute(0, 2, 1)  # (B, T, C)
+        return self.fc(h.reshape(h.shape[0], -1))  # (B, T * C)
+
+
+def test_permute_reshape_into_a_linear_follows_the_interleaved_columns(tmp_path: Path) -> None:
+    model, x = _model(AudioHead), (torch.randn(2, 4, 10),)
+    assert assert_exact_removal(model, x, Channel(ratio=0.5, criterion="random")) == 4
+    graph = build_depgraph(model, x)
+    (g,) = [g for g in graph.groups if "conv" in g.modules("out")]
+    offsets = sorted(m.offset for m in g.members if m.module == "fc")
+    assert offsets == list(range(0, 80, 8))  # one run of 8 channels per time step
+    out = prune_channels(model, Channel(ratio=0.5), example_inputs=x)
+    kept = pruning_record(out)["slices"]["conv.weight"]["0"]
+    cols = pruning_record(out)["slices"]["fc.weight"]["1"]
+    assert cols == [t * 8 + c for t in range(10) for c in kept]  # not a channel-major block
+    rep = sk.export_onnx(out, tmp_path / "a.onnx", example_inputs=x, atol=1e-4)  # ORT parity
+    assert rep.max_abs_err is not None and rep.max_abs_err <= 1e-4
+    data = [torch.randn(8, 4, 10) for _ in range(2)]
+    t = prune_channels(model, Channel(ratio=0.5, criterion="thinet"), example_inputs=x, data=data)
+    assert pruning_record(t)["thinet_refit"] == ["fc"]

@@ -709,11 +709,8 @@ class _Builder:
                 out[d] = segs
             elif d > end:
                 out[d - (end - start)] = segs
-            elif d == start:  # outermost of the merged dims: each unit spans the inner ones
-                inner = math.prod(shape[start + 1 : end + 1])
-                out[d] = [(g, u, e * inner) for g, u, e in segs]
-            else:
-                self.fail({d: segs}, f"flattens channels inside other dims: {self.where(node)}")
+            else:  # each unit spans the inner merged dims, once per position of the outer ones
+                out[start] = _interleave(segs, shape, start, d, end)
         self.lay[node] = out
 
     def reshape(self, node: fx.Node, x: Any, sizes: list[Any]) -> None:
@@ -736,7 +733,10 @@ class _Builder:
             merge = merge and math.prod(out_shape[od + 1 :]) * (width // shape[d]) == post
             split = ok and not merge and shape[d] % width == 0
             split = split and math.prod(out_shape[od + 1 :]) == shape[d] // width * post
-            if not (merge or split):
+            block = None if merge or split else _merged_block(shape, out_shape, d)
+            if block is not None:  # channels inside merged dims (channels-last into a Linear)
+                od, a, b = block
+            elif not (merge or split):
                 self.fail({d: segs}, f"reshapes channels into other dims: {self.where(node)}")
                 continue
             size = sizes[od] if od < len(sizes) else None
@@ -746,7 +746,9 @@ class _Builder:
                     f"hard-codes width {size} in {self.where(node)}; write -1 or x.size(...) there",
                 )
                 continue
-            if merge:
+            if block is not None:
+                out[od] = _interleave(segs, shape, a, d, b)
+            elif merge:
                 out[od] = [(g, u, e * (width // shape[d])) for g, u, e in segs]
             elif self.split_heads(node, segs, shape[d] // width):
                 out[od] = [(segs[0][0], width, 1)]
@@ -942,6 +944,30 @@ class _Builder:
             if d in lay:
                 out[d_out + d - d_in] = lay[d]
         self.lay[node] = out
+
+
+def _interleave(segs: list[Seg], shape: Sequence[int], a: int, d: int, b: int) -> list[Seg]:
+    """The segments of channel dim ``d`` once dims ``a..b`` are merged into one: each unit spans
+    the dims after ``d`` (a larger expand), and the whole run repeats once per position of the
+    dims before it (channels-last (H, W, C) -> H * W runs of C), so a reader gets one member per
+    run and the columns it drops follow the merged layout."""
+    inner, outer = math.prod(shape[d + 1 : b + 1]), math.prod(shape[a:d])
+    return [(g, u, e * inner) for g, u, e in segs] * outer
+
+
+def _merged_block(
+    shape: Sequence[int], out_shape: Sequence[int], d: int
+) -> tuple[int, int, int] | None:
+    """``(od, a, b)`` when input dims ``a..b`` (around ``d``) become exactly output dim ``od``."""
+    cin = [math.prod(shape[:i]) for i in range(len(shape) + 1)]
+    cout = [math.prod(out_shape[:i]) for i in range(len(out_shape) + 1)]
+    for od in range(len(out_shape)):
+        if cout[od] not in cin or cout[od + 1] not in cin:
+            continue
+        a, b = cin.index(cout[od]), len(cin) - 1 - cin[::-1].index(cout[od + 1]) - 1
+        if a <= d <= b and shape[d] > 1:
+            return od, a, b
+    return None
 
 
 def _op_name(target: Any) -> str:

@@ -130,25 +130,29 @@ def readers(model: nn.Module, g: Group) -> list[Member]:
             and m.dim == 1 and reads_channels(model.get_submodule(m.module))]  # fmt: skip
 
 
-def _unit_columns(model: nn.Module, m: Member, units: int) -> torch.Tensor:
-    """(units, b): the columns of ``weight.reshape(O, -1)`` that each unit feeds."""
-    w = getattr(model.get_submodule(m.module), m.param)
+def _unit_columns(model: nn.Module, members: list[Member], units: int) -> torch.Tensor:
+    """(units, b): the columns of ``weight.reshape(O, -1)`` that each unit feeds, over all the
+    members of one layer (a channels-last flatten gives a layer one member per position)."""
+    w = getattr(model.get_submodule(members[0].module), members[0].param)
     taps = int(w[0, 0].numel())
-    per_unit = [m.positions([u]) for u in range(units)]
+    per_unit = [[p for m in members for p in m.positions([u])] for u in range(units)]
     return torch.tensor([[p * taps + t for p in ps for t in range(taps)] for ps in per_unit])
 
 
 def gram(model: nn.Module, g: Group, moments: dict[str, torch.Tensor]) -> torch.Tensor | None:
     """``G_cd = E[z_c . z_d]`` over the group's readers (each scaled to mean diagonal 1)."""
     total = None
+    by_layer: dict[str, list[Member]] = {}
     for m in readers(model, g):
-        if m.module not in moments:
+        by_layer.setdefault(m.module, []).append(m)
+    for name, members in by_layer.items():
+        if name not in moments:
             continue
-        w = _weight(model.get_submodule(m.module)).double()
+        w = _weight(model.get_submodule(name)).double()
         w = w.reshape(w.shape[0], -1)
-        idx = _unit_columns(model, m, g.units)  # (U, b)
+        idx = _unit_columns(model, members, g.units)  # (U, b)
         wu = w[:, idx]  # (O, U, b)
-        a = moments[m.module][idx][:, :, idx]  # (U, b, U, b)
+        a = moments[name][idx][:, :, idx]  # (U, b, U, b)
         gm = torch.einsum("oub,ubvc,ovc->uv", wu, a, wu)
         gm = gm / torch.diagonal(gm).mean().clamp_min(1e-30)
         total = gm if total is None else total + gm
