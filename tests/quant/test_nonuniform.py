@@ -235,6 +235,18 @@ def test_a_recipe_step_runs_through_the_runner_and_writes_a_small_onnx(tmp_path:
     assert (tmp_path / "a" / "model.onnx").stat().st_size < details["fp32_bytes"] / 4
 
 
+@pytest.mark.slow
+def test_a_recipe_step_that_trains_reads_the_tasks_training_split() -> None:
+    recipe = {
+        "model": "zoo:digits_cnn",
+        "steps": [{"quant.lowbit": {"scheme": "ternary", "epochs": 1, "lr": 1e-3}}],
+    }
+    res = sk.run(recipe)  # no data given: training batches, not the calibration samples
+    assert res.steps[0].details["data"] == "digits train split"
+    res = sk.run({**recipe, "steps": [{"quant.lowbit": {"scheme": "ternary"}}]})
+    assert "data" not in res.steps[0].details  # no training: the calibration samples
+
+
 def test_batchnorm_after_a_low_bit_conv_folds_into_its_scale(tmp_path: Path) -> None:
     import onnx
 

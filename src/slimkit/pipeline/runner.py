@@ -350,8 +350,13 @@ def _apply_step(step: Step, model: nn.Module, ctx: _Context) -> tuple[nn.Module,
         kwargs["example_inputs"] = example
     if step.scope is not None:
         kwargs["scope"] = step.scope.to_scope()
-    if step.name == "quant.qat" and not ctx.explicit_data and ctx.source.task is not None:
+    trains = step.name == "quant.qat" or (
+        step.name == "quant.lowbit" and getattr(step.config, "epochs", 0) > 0
+    )
+    where = None
+    if trains and not ctx.explicit_data and ctx.source.task is not None:
         kwargs["data"] = _train_split(ctx, step)  # training, not the calibration samples
+        where = f"{ctx.source.task} train split"
     elif technique == "quant" or getattr(step.config, "allocation", None) == "sensitivity":
         kwargs["data"] = ctx.data(need=step.name)  # calibration: the zoo model's own by default
     elif ctx.explicit_data:
@@ -363,7 +368,10 @@ def _apply_step(step: Step, model: nn.Module, ctx: _Context) -> tuple[nn.Module,
     if isinstance(out, tuple):  # handlers that also return a report: (model, report)
         out = out[0]
     pinned = _pin(step, out)
-    return out, StepRecord(pinned, via, 0.0, _details(out))
+    details = _details(out)
+    if where is not None:
+        details["data"] = where
+    return out, StepRecord(pinned, via, 0.0, details)
 
 
 def _macs(model: nn.Module, ctx: _Context) -> int | None:
