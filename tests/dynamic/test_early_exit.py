@@ -86,19 +86,25 @@ def test_early_exit_trains_only_the_heads_and_leaves_the_input_alone() -> None:
 def test_calibrated_thresholds_keep_the_drop_on_the_calibration_data() -> None:
     model = _model()
     data = _data(6)
+    saved = []
     for max_drop in (0.0, 0.05, 0.2):
-        ee = early_exit(model, EarlyExit(epochs=0, max_drop=max_drop), data=data, progress=False)
-        r = ee.evaluate(data)
-        assert r["full_top1"] - r["top1"] <= max_drop + 1e-9, (max_drop, r)
-        assert sum(r["exit_fractions"]) == pytest.approx(1.0)
-        assert 0.0 <= r["macs_saved"] < 1.0
+        for on in ("agreement", "labels"):
+            cfg = EarlyExit(epochs=0, max_drop=max_drop, calibrate_on=on)
+            ee = early_exit(model, cfg, data=data, progress=False)
+            r = ee.evaluate(data)
+            assert r["full_top1"] - r["top1"] <= max_drop + 1e-9, (max_drop, r)
+            if on == "agreement":
+                assert r["agreement"] >= 1 - max_drop - 1e-9
+                saved.append(r["macs_saved"])
+            assert sum(r["exit_fractions"]) == pytest.approx(1.0)
+    assert saved == sorted(saved) and saved[0] < saved[-1]  # at 0 no exit is taken
     # without labels the promise is agreement with the full model
     unlabelled = [x for x, _ in data]
     calibrate(ee, unlabelled, 0.1)
     assert ee.evaluate(data)["agreement"] >= 0.9 - 1e-9
-    # a budget of 1 lets everything leave at the first exit
+    # a budget of 1: the first exit's share (1/3 of it) lets at least a third leave there
     calibrate(ee, data, 1.0)
-    assert ee.evaluate(data)["exit_fractions"][0] == 1.0
+    assert ee.evaluate(data)["exit_fractions"][0] >= 1 / 3
 
 
 def test_eval_forward_follows_the_thresholds() -> None:
