@@ -97,9 +97,10 @@ def _early_exit(model: Any, args: Any, task: Any, x1: torch.Tensor, tmp: Path) -
     q = args.quick
     at = [0.5, 0.75, 0.87] if "resnet" in args.current else [0.5, 0.75]
     cfg = EarlyExit(max_drop=args.calib_drop, epochs=1 if q else args.ee_epochs, at=at,
-                    head_width=32, lr=3e-3)  # fmt: skip
+                    head_width=32, lr=args.ee_lr, finetune=args.ee_finetune)  # fmt: skip
     t0 = time.perf_counter()
-    train = _subset(task, "train", 512 if q else args.ee_subset, 64, seed=1)
+    n = 512 if q else args.ee_subset or len(task.train)
+    train = _subset(task, "train", n, 64, seed=1)
     ee = early_exit(model, cfg, data=train, calib=task.loader("val", 256), progress=False)
     tool_s = time.perf_counter() - t0
     ev = ee.evaluate(task.loader("test", 256))
@@ -109,7 +110,8 @@ def _early_exit(model: Any, args: Any, task: Any, x1: torch.Tensor, tmp: Path) -
            "exit_fractions": [round(f, 4) for f in ev["exit_fractions"]],
            "exits_after": ee.cuts, "thresholds": ev["thresholds"],
            "exit_top1_torch": [round(f, 4) for f in ev["exit_top1"]],
-           "torch_top1": round(ev["top1"], 4), "train_images": 512 if q else args.ee_subset,
+           "torch_top1": round(ev["top1"], 4), "train_images": n,
+           "full_top1_torch": round(ev["full_top1"], 4),
            "tool_s": round(tool_s, 1), "config": cfg.to_dict()}  # fmt: skip
     return label, (lambda a: run(a)[0]), row
 
@@ -198,7 +200,13 @@ def main() -> None:
                    help="early-exit skip-gate separable ghost (default: per model)")  # fmt: skip
     p.add_argument("--calib-drop", type=float, default=0.01, help="disagreement the exits may cost")
     p.add_argument("--ee-epochs", type=int, default=4, help="exit-head epochs (cached features)")
-    p.add_argument("--ee-subset", type=int, default=3072, help="train images for the exit heads")
+    p.add_argument("--ee-subset", type=int, default=0, help="train images for the exits (0: all)")
+    p.add_argument(
+        "--ee-finetune",
+        action="store_true",
+        help="train the backbone too, every exit distilled from the original",
+    )
+    p.add_argument("--ee-lr", type=float, default=3e-3, help="exit training learning rate")
     p.add_argument("--lw-epochs", type=int, default=4, help="lightweight distillation epochs")
     p.add_argument("--sg-epochs", type=int, default=1, help="skip-gate training epochs")
     p.add_argument("--penalty", type=float, default=2.0, help="skip-gate compute penalty")

@@ -171,13 +171,20 @@ class OrtEarlyExit:
 SKIP_FORMAT = "slimkit.skip_gates/1"
 
 
-class _Prob(nn.Module):
-    def __init__(self, gated: GatedBlock) -> None:
-        super().__init__()
-        self.gate = gated.gate
+class _WithGates(nn.Module):
+    """``body``'s output and the open-probabilities of the gated blocks that follow it (each
+    computed on that output: the input those blocks see while the ones before them are
+    skipped)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.gate(x)).flatten()
+    def __init__(self, body: nn.Module, gates: list[nn.Module]) -> None:
+        super().__init__()
+        self.body, self.gates = body, nn.ModuleList(gates)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        h = self.body(x)
+        if not len(self.gates):
+            return h
+        return (h, *(torch.sigmoid(g(h)).flatten() for g in self.gates))
 
 
 class _GateTracer(fx.Tracer):
@@ -228,27 +235,36 @@ def export_skip_gates(
     atol: float = 1e-4,
     threads: int = 2,
 ) -> OrtSkipGates:
-    """Write the model as ONNX pieces (plain segments; for each gated block its gate and its
-    block) and ``gates.json`` to ``directory``, each piece checked in ORT; returns the runner."""
+    """Write the model as ONNX pieces (plain segments and gated blocks, each also computing the
+    gates of the gated blocks right after it) and ``gates.json`` to ``directory``, each piece
+    checked in ORT; returns the runner. A closed block costs no ONNX call at all."""
     from slimkit.export.onnx import export_onnx
 
     with _atomic_dir(directory) as tmp:
         sg = sg.eval()
+        pieces = _skip_pieces(sg)
+        if pieces and pieces[0][0] == "gated":  # the first gate needs a piece before it
+            pieces.insert(0, ("plain", nn.Identity()))
         h = example_inputs[:1]
         meta: list[dict[str, Any]] = []
-        for k, (kind, m) in enumerate(_skip_pieces(sg)):
-            if kind == "plain":
-                export_onnx(m, tmp / f"piece_{k}.onnx", example_inputs=(h,), atol=atol)
-                meta.append({"kind": "plain", "file": f"piece_{k}.onnx"})
-            else:
-                assert isinstance(m, GatedBlock)
-                export_onnx(_Prob(m), tmp / f"gate_{k}.onnx", example_inputs=(h,), atol=atol)
-                export_onnx(m.block, tmp / f"block_{k}.onnx", example_inputs=(h,), atol=atol)
-                meta.append({"kind": "gated", "gate": f"gate_{k}.onnx",
-                             "block": f"block_{k}.onnx", "threshold": m.threshold})  # fmt: skip
-                m = m.block
+        for k, (kind, m) in enumerate(pieces):
+            follow = []
+            for j in range(k + 1, len(pieces)):
+                if pieces[j][0] != "gated":
+                    break
+                follow.append(j)
+            body = m.block if isinstance(m, GatedBlock) else m
+            gates: list[nn.Module] = [pieces[j][1].gate for j in follow]  # type: ignore[misc]
+            name = f"piece_{k}.onnx"
+            outs = ["features", *(f"gate_{j}" for j in follow)]
+            export_onnx(_WithGates(body, gates), tmp / name, example_inputs=(h,), atol=atol,
+                        output_names=outs)  # fmt: skip
+            entry: dict[str, Any] = {"kind": kind, "file": name, "gates_for": follow}
+            if isinstance(m, GatedBlock):
+                entry["threshold"] = m.threshold
+            meta.append(entry)
             with torch.no_grad():
-                h = m(h)
+                h = body(h)
         doc = {"format": SKIP_FORMAT, "pieces": meta, "blocks": sg.gated}
         (tmp / "gates.json").write_text(json.dumps(doc, indent=2))
     return OrtSkipGates.load(directory, threads=threads)
@@ -256,7 +272,7 @@ def export_skip_gates(
 
 class OrtSkipGates:
     """Runs exported skip-gate pieces in ONNX Runtime: a gated block runs only for the samples
-    whose gate reaches its threshold."""
+    whose gate (computed by the piece before it) reaches its threshold."""
 
     def __init__(self, pieces: list[dict[str, Any]]) -> None:
         self.pieces = pieces
@@ -269,27 +285,30 @@ class OrtSkipGates:
         doc = _read_meta(d, "gates.json", SKIP_FORMAT, "export_skip_gates")
         pieces = []
         for p in doc["pieces"]:
-            sess = {k: ort_session(d / p[k], threads=threads)
-                    for k in ("file", "gate", "block") if k in p}  # fmt: skip
-            names = {k: s.get_inputs()[0].name for k, s in sess.items()}
-            pieces.append({"kind": p["kind"], "threshold": p.get("threshold"), "sessions": sess,
-                           "names": names})  # fmt: skip
+            sess = ort_session(d / p["file"], threads=threads)
+            pieces.append({**p, "session": sess, "input": sess.get_inputs()[0].name})
         return cls(pieces)
 
     def __call__(self, x: Any) -> tuple[np.ndarray, np.ndarray]:
         """``(logits, runs)``: ``runs[i, j]`` whether sample ``i`` ran gated block ``j``."""
         h = np.ascontiguousarray(x.numpy() if isinstance(x, torch.Tensor) else x, np.float32)
+        pending: dict[int, np.ndarray] = {}  # piece index -> open-probability per sample
         runs = []
-        for p in self.pieces:
-            s, n = p["sessions"], p["names"]
-            if p["kind"] == "plain":
-                h = s["file"].run(None, {n["file"]: h})[0]
-                continue
-            run = s["gate"].run(None, {n["gate"]: h})[0] >= p["threshold"]
-            runs.append(run)
-            if run.all():
-                h = s["block"].run(None, {n["block"]: h})[0]
-            elif run.any():
-                h = h.copy()
-                h[run] = s["block"].run(None, {n["block"]: np.ascontiguousarray(h[run])})[0]
+        for k, p in enumerate(self.pieces):
+            if p["kind"] == "gated":
+                run = pending.pop(k) >= p["threshold"]
+                runs.append(run)
+                if not run.any():
+                    continue
+                if not run.all():
+                    outs = p["session"].run(None, {p["input"]: np.ascontiguousarray(h[run])})
+                    h = h.copy()
+                    h[run] = outs[0]
+                    for j, o in zip(p["gates_for"], outs[1:], strict=True):
+                        pending[j][run] = o
+                    continue
+            outs = p["session"].run(None, {p["input"]: h})
+            h = outs[0]
+            for j, o in zip(p["gates_for"], outs[1:], strict=True):
+                pending[j] = o
         return h, np.stack(runs, 1) if runs else np.zeros((h.shape[0], 0), bool)
