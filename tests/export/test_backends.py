@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ def _installed(module: str) -> bool:
 needs = {
     name: pytest.mark.skipif(not _installed(mod), reason=f"{pkg} not installed: pip install {pkg}")
     for name, mod, pkg in [("openvino", "openvino", "openvino"), ("tvm", "tvm", "apache-tvm"),
-                           ("mnn", "MNN", "mnn")]
+                           ("mnn", "MNN", "mnn"), ("executorch", "executorch", "executorch")]
 }  # fmt: skip
 
 
@@ -122,6 +123,16 @@ def test_mnn_fp32_parity_and_int8_reported(residual: Any, residual_int8: Any) ->
     assert rep8.result("ort").status == "ok" and rep8.chosen is not None
 
 
+@needs["executorch"]
+def test_executorch_xnnpack_fp32_parity(residual: Any) -> None:
+    model, x = residual
+    rep = B.deploy(model, (x,), backend="executorch", tune=False, **FAST)
+    r = rep.result("executorch")
+    assert r.status == "ok", r.reason
+    assert r.sqnr_db is not None and r.sqnr_db > 100  # 140.8 dB measured
+    assert r.files == ["model.pte"]
+
+
 class _Noisy(Backend):
     """Fast, but wrong: its output is noise (the auto choice must not take it)."""
 
@@ -170,6 +181,63 @@ def test_tensorrt_without_gpu_is_skipped_by_name(residual: Any) -> None:
         assert r.status == "missing" and r.reason is not None
         assert ("NVIDIA" in r.reason) if reason else ("pip install tensorrt" in r.reason)
     assert rep.chosen == "ort"
+
+
+def test_tensorrt_build_path_up_to_the_gpu(
+    residual: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TensorRT's engine build on a stand-in module (no GPU here): the ONNX parse, the input
+    shapes of the optimization profile, the engine file, and a parser error named."""
+    import types
+
+    model, x = residual
+    onnx_path = tmp_path / "m.onnx"
+    torch.onnx.export(model, (x,), str(onnx_path), dynamo=False, input_names=["input"])
+    seen: dict[str, Any] = {}
+
+    class Parser:
+        ok = True
+        num_errors = 1
+
+        def __init__(self, network: Any, logger: Any) -> None:
+            pass
+
+        def parse(self, data: bytes) -> bool:
+            seen["parsed"] = data[:4]
+            return Parser.ok
+
+        def get_error(self, i: int) -> str:
+            return "Unsupported ONNX op: Relu"
+
+    class Profile:
+        def set_shape(self, name: str, *shapes: Any) -> None:
+            seen[name] = shapes
+
+    network = types.SimpleNamespace(get_input=lambda i: types.SimpleNamespace(name="input"))
+    builder = types.SimpleNamespace(
+        create_network=lambda flags: network,
+        create_builder_config=lambda: types.SimpleNamespace(
+            add_optimization_profile=lambda p: None
+        ),
+        create_optimization_profile=Profile,
+        build_serialized_network=lambda net, cfg: b"engine",  # the GPU call
+    )
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, level: int) -> None:
+            pass
+
+    trt = types.SimpleNamespace(Logger=Logger, Builder=lambda logger: builder, OnnxParser=Parser)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    be = B.get_backend("tensorrt")
+    files = be.export(onnx_path, [x.numpy()], tmp_path)
+    assert files[0].read_bytes() == b"engine" and seen["parsed"] == onnx_path.read_bytes()[:4]
+    assert seen["input"] == (tuple(x.shape),) * 3  # min = opt = max: the example's shape
+    Parser.ok = False
+    with pytest.raises(RuntimeError, match="Unsupported ONNX op: Relu"):
+        be.export(onnx_path, [x.numpy()], tmp_path)
 
 
 def test_unknown_backend_and_failing_op_names() -> None:

@@ -72,6 +72,7 @@ class Backend:
     module: ClassVar[str]  # what is imported
     suffix: ClassVar[str] = ".onnx"  # the main file written into the deploy artifact
     fixed_batch: ClassVar[bool] = False  # compiled for the example batch only
+    consumes: ClassVar[str] = "onnx"  # or "torch": export_torch gets the PyTorch model
 
     @property
     def install(self) -> str:
@@ -89,6 +90,10 @@ class Backend:
 
     def export(self, onnx_path: Path, inputs: Arrays, workdir: Path) -> list[Path]:
         """Convert ``onnx_path`` to this runtime's files in ``workdir``; the first is the main."""
+        raise NotImplementedError
+
+    def export_torch(self, model: Any, inputs: tuple[Any, ...], workdir: Path) -> list[Path]:
+        """For a backend that consumes the PyTorch model (``consumes = "torch"``)."""
         raise NotImplementedError
 
     def load(self, files: list[Path], inputs: Arrays, settings: dict[str, Any]) -> Runner:
@@ -159,7 +164,8 @@ def failure(
 ) -> BackendFailed:
     """A ``BackendFailed`` for ``stage`` (export / load / run) naming the op the runtime names."""
     text = err if isinstance(err, str) else f"{type(err).__name__}: {err}"
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip() and not
+             ln.strip().endswith(":")]  # fmt: skip
     op = failing_op(text, onnx_ops(onnx_path)) if onnx_path.is_file() else None
     where = f" at op {op}" if op else ""
     first = next(
@@ -174,9 +180,36 @@ def failure(
     return BackendFailed(
         f"{backend.package} failed to {stage} the model{where}: {first[:300]}",
         fix=f"deploy with another backend (the others still run), or keep {op or 'that layer'} "
-        "out of the compressed model; report it to the runtime if it is a valid ONNX op",
+        "out of the compressed model; report it to the runtime if the op is valid",
         op=op,
     )
+
+
+def static_onnx(onnx_path: Path, inputs: Arrays, dest: Path) -> Path:
+    """``onnx_path`` with its inputs fixed to the shapes of ``inputs`` and the shape arithmetic
+    folded away (ONNX Runtime's basic level: constant folding and redundant-node removal, standard
+    ONNX ops only), for compilers that need static shapes (TVM's ``Slice`` of a ``Shape``)."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(onnx_path))
+    inits = {i.name for i in model.graph.initializer}
+    graph_inputs = [i for i in model.graph.input if i.name not in inits]
+    for i, x in zip(graph_inputs, inputs, strict=True):
+        for d, v in zip(i.type.tensor_type.shape.dim, x.shape, strict=True):
+            d.ClearField("dim_param")
+            d.dim_value = int(v)
+    for o in model.graph.output:  # re-inferred from the fixed inputs
+        o.type.tensor_type.ClearField("shape")
+    fixed = dest.with_name(dest.stem + ".fixed.onnx")
+    onnx.save(model, str(fixed))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.optimized_model_filepath = str(dest)
+    so.log_severity_level = 3
+    ort.InferenceSession(str(fixed), sess_options=so, providers=["CPUExecutionProvider"])
+    fixed.unlink()
+    return dest
 
 
 def cpu_threads() -> int:

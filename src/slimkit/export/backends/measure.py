@@ -298,7 +298,10 @@ def deploy(
             t0 = time.perf_counter()
             try:
                 try:
-                    fs = be.export(onnx_path, inputs, bdir)
+                    if be.consumes == "torch":
+                        fs = be.export_torch(model, args, bdir)
+                    else:
+                        fs = be.export(onnx_path, inputs, bdir)
                 except BackendFailed:
                     raise
                 except Exception as e:  # noqa: BLE001 - any runtime error is reported by name

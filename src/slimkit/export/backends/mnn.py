@@ -69,8 +69,14 @@ class MnnBackend(Backend):
             net = mnn_nn.load_module_from_file(str(files[0]), ins, outs, runtime_manager=rt,
                                                shape_mutable=True)  # fmt: skip
 
+        def to_var(x: np.ndarray) -> Any:
+            if np.issubdtype(x.dtype, np.integer):  # token ids: MNN converts int64 inputs to int32
+                ids = np.ascontiguousarray(x, dtype=np.int32)
+                return F.const(ids, list(x.shape), F.NCHW, F.int)
+            return F.const(np.ascontiguousarray(x, dtype=np.float32), list(x.shape), F.NCHW)
+
         def to_vars(xs: Arrays) -> list[Any]:
-            return [F.const(np.ascontiguousarray(x), list(x.shape), F.NCHW) for x in xs]
+            return [to_var(x) for x in xs]
 
         def read(vs: Any) -> list[np.ndarray]:
             vs = vs if isinstance(vs, list) else [vs]

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from slimkit.export.backends.base import Arrays, Backend, Runner
+from slimkit.export.backends.base import Arrays, Backend, Runner, static_onnx
 
 
 class TvmBackend(Backend):
@@ -44,7 +44,8 @@ class TvmBackend(Backend):
         from tvm import relax
         from tvm.relax.frontend.onnx import from_onnx
 
-        model = onnx.load(str(onnx_path))
+        # static shapes, shape arithmetic folded: TVM's Slice needs a known rank
+        model = onnx.load(str(static_onnx(onnx_path, inputs, workdir / "static.onnx")))
         inits = {i.name for i in model.graph.initializer}
         names = [i.name for i in model.graph.input if i.name not in inits]
         shapes = {n: list(x.shape) for n, x in zip(names, inputs, strict=True)}
