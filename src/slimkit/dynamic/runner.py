@@ -176,15 +176,20 @@ class _WithGates(nn.Module):
     computed on that output: the input those blocks see while the ones before them are
     skipped)."""
 
-    def __init__(self, body: nn.Module, gates: list[nn.Module]) -> None:
+    def __init__(self, body: nn.Module, gated: list[GatedBlock]) -> None:
         super().__init__()
-        self.body, self.gates = body, nn.ModuleList(gates)
+        self.body = body
+        self.gates = nn.ModuleList([g.gate for g in gated])
+        self.scales = [g.SCALE for g in gated]
 
     def forward(self, x: torch.Tensor) -> Any:
         h = self.body(x)
         if not len(self.gates):
             return h
-        return (h, *(torch.sigmoid(g(h)).flatten() for g in self.gates))
+        probs = [
+            torch.sigmoid(s * g(h)).flatten() for g, s in zip(self.gates, self.scales, strict=True)
+        ]
+        return (h, *probs)
 
 
 class _GateTracer(fx.Tracer):
@@ -254,7 +259,7 @@ def export_skip_gates(
                     break
                 follow.append(j)
             body = m.block if isinstance(m, GatedBlock) else m
-            gates: list[nn.Module] = [pieces[j][1].gate for j in follow]  # type: ignore[misc]
+            gates = [g for j in follow if isinstance(g := pieces[j][1], GatedBlock)]
             name = f"piece_{k}.onnx"
             outs = ["features", *(f"gate_{j}" for j in follow)]
             export_onnx(_WithGates(body, gates), tmp / name, example_inputs=(h,), atol=atol,

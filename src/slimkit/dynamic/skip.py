@@ -53,14 +53,19 @@ class GatedBlock(nn.Module):
         self.block = block
         fc = nn.Linear(channels, 1)
         nn.init.zeros_(fc.weight)
-        nn.init.constant_(fc.bias, 3.0)  # starts open (0.95): the original network
+        nn.init.constant_(fc.bias, 2.0 / self.SCALE)  # starts open (0.88): the original network
         self.gate = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), fc)
         self.threshold = threshold
         self.last_prob: torch.Tensor | None = None  # for the compute penalty
         self.last_run: torch.Tensor | None = None  # for evaluate()
 
+    # the gate's logit is SCALE x the linear layer's output: Adam moves a parameter by about
+    # the learning rate per step whatever its gradient, so at lr 1e-3 an unscaled gate would
+    # need thousands of steps to close; scaled, about a hundred
+    SCALE = 20.0
+
     def prob(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.gate(x)).flatten()
+        return torch.sigmoid(self.SCALE * self.gate(x)).flatten()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.prob(x)
