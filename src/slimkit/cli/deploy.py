@@ -28,7 +28,9 @@ def deploy_cmd(
     min_sqnr: float | None = typer.Option(None, help="parity bound in dB (40 fp32, 25 int8)"),
     threads: int | None = typer.Option(None, min=1, help="most threads to try (default: cores)"),
     tune: bool = typer.Option(True, help="tune each runtime's settings by measurement"),
-    tvm_trials: int = typer.Option(0, min=0, help="TVM MetaSchedule tuning trials (0: none)"),
+    tvm_trials: int = typer.Option(
+        0, min=0, help="TVM MetaSchedule tuning trials (0: none; experimental, slow)"
+    ),
     runs: int = typer.Option(50, min=5, help="timed runs per round"),
     rounds: int = typer.Option(3, min=1, help="interleaved rounds"),
     hw: str = typer.Option("this", help="hardware profile of the roofline bound ('none': skip)"),

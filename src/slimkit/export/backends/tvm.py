@@ -1,7 +1,9 @@
 """Apache TVM (Relax): the ONNX file imported by TVM's ONNX frontend, compiled for this CPU
 (LLVM, ``mcpu`` of the host) at the example's input shapes, saved as a shared library
 ``model.so``. With ``tune_trials`` > 0 TVM's MetaSchedule auto-tunes the kernels for that many
-trials in total (bounded: minutes for a ResNet at a few hundred trials on 2 cores).
+trials in total. Experimental: on a loaded 2-core machine 8 trials of a 3-layer MLP did not finish
+in 400 s, and with apache-tvm-ffi 0.1.15 the tuner crashed (``ToJSONGraph``); untuned, TVM runs
+convolutions far slower than the other runtimes.
 
 Tuned settings: threads of TVM's thread pool.
 """
