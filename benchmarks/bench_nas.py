@@ -1,0 +1,227 @@
+"""Hardware-aware architecture search on the generated shapes task, measured in ONNX Runtime.
+
+One weight-sharing supernet over the MobileNetV2-style space (``nas.CNNSpace()``) is trained once
+(sandwich rule: largest + smallest + ``--n-random`` random sub-networks per step, in-place
+distillation) on the first ``--train-images`` training images (a budget for a shared 2-core
+machine). Three latency targets are the measured ORT latencies
+(batch 1, 1 thread) of the uniformly width-scaled baselines: every stage at its smallest,
+middle and largest width, full depth, 3x3 kernels, the largest expansion. For each target:
+
+- NSGA-II, random search and a REINFORCE controller, the same number of trials each (same
+  seed: NSGA-II's first population is random search's first trials), on the supernet (proxy
+  top-1 on 500 validation images after BatchNorm re-estimation; latency from the lookup table,
+  with the table's held-out median error as a safety margin below the target);
+- the best of each search and the width-scaled baseline are extracted from the same supernet and
+  fine-tuned the same way (same epochs, distillation from the largest sub-network), then
+  evaluated on the test split and re-measured in ORT in the same interleaved rounds.
+
+The latency model is validated on held-out random architectures measured as whole networks:
+median relative error of the lookup table, and of the roofline of this machine's measured
+hardware profile (raw lower bound, and with one scale fitted on the calibration networks).
+
+    .venv/bin/python benchmarks/bench_nas.py            # full (about 25 min under load)
+    .venv/bin/python benchmarks/bench_nas.py --quick    # a smoke run, a small space
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _common import parser, print_table, start, write_result  # noqa: E402
+from slimkit.nas import (  # noqa: E402
+    CNNSpace,
+    StageSpace,
+    SuperNet,
+    calibrated_table,
+    finetune,
+    recalibrate_bn,
+    roofline_ms,
+    search,
+    train_supernet,
+)
+from slimkit.nas.api import task_evaluator  # noqa: E402
+from slimkit.nas.latency import measure_archs, ort_times  # noqa: E402
+from slimkit.zoo.tasks import evaluate, load_task  # noqa: E402
+
+# strategy -> the method name of its rows
+STRATEGIES = {"nsga2": "nas (NSGA-II)", "random": "nas, random search", "rl": "nas, rl"}
+
+
+def quick_space() -> CNNSpace:
+    return CNNSpace(stem=8, head=32, stages=[
+        StageSpace(widths=[8, 12, 16], depths=[1, 2], kernels=[3, 5], expands=[2, 4]),
+        StageSpace(widths=[16, 24, 32], depths=[1, 2], kernels=[3, 5], expands=[2, 4], stride=2),
+    ])  # fmt: skip
+
+
+def latency_model(space: CNNSpace, threads: int) -> tuple[Any, dict[str, Any]]:
+    from slimkit.analyze.hardware import load_profile
+
+    table, check = calibrated_table(space, threads=threads, n_calib=8, n_val=12)
+    out: dict[str, Any] = {"lookup_table": check.to_dict(), "scale": table.scale,
+                           "offset": table.offset, "entries": len(table.entries)}  # fmt: skip
+    try:
+        hw = load_profile("this", threads=threads)
+        # the roofline on the same held-out networks (their measured ms are in `check`)
+        import random
+
+        rng = random.Random(0)
+        cal = [space.largest(), space.smallest(), *[space.sample(rng) for _ in range(6)]]
+        held = [a for a in (space.sample(rng) for _ in range(48)) if a not in cal][:12]
+        roof_held = [roofline_ms(space, a, hw) for a in held]
+        cal_meas = measure_archs(space, cal, threads=threads)
+        scale = statistics.median(
+            m / roofline_ms(space, a, hw) for a, m in zip(cal, cal_meas, strict=True)
+        )
+        meas = check.measured_ms
+        raw = [abs(p - m) / m for p, m in zip(roof_held, meas, strict=True)]
+        fitted = [abs(scale * p - m) / m for p, m in zip(roof_held, meas, strict=True)]
+        out["roofline"] = {"profile": hw.name, "median_rel_error_raw": statistics.median(raw),
+                           "median_rel_error_scaled": statistics.median(fitted),
+                           "scale": scale}  # fmt: skip
+    except Exception as e:  # the roofline is a side result; say why it is missing
+        out["roofline"] = {"error": f"{type(e).__name__}: {e}"}
+    return table, out
+
+
+def main() -> None:
+    p = parser("nas", __doc__)
+    p.add_argument("--trials", type=int, default=None, help="trials per search")
+    p.add_argument("--supernet-epochs", type=int, default=None)
+    p.add_argument("--finetune-epochs", type=int, default=None)
+    p.add_argument("--train-images", type=int, default=None, help="first N training images")
+    p.add_argument("--n-random", type=int, default=1, help="random sub-networks per step")
+    args = p.parse_args()
+    t0 = start(threads=1)
+    threads = 1
+    quick = args.quick
+    space = quick_space() if quick else CNNSpace()
+    trials = args.trials or (8 if quick else 30)
+    sn_epochs = args.supernet_epochs or (1 if quick else 2)
+    ft_epochs = args.finetune_epochs or 1
+    max_steps = 15 if quick else None
+    task = load_task("shapes")
+    n_train = args.train_images or (2000 if quick else 6400)
+    xs, ys = task.train.tensors
+    train_set = TensorDataset(xs[:n_train], ys[:n_train])
+
+    def loader(seed: int) -> DataLoader:
+        gen = torch.Generator().manual_seed(seed)
+        return DataLoader(train_set, batch_size=64, shuffle=True, generator=gen)
+
+    load = os.getloadavg()
+
+    tl = time.perf_counter()
+    table, lat_info = latency_model(space, threads)
+    lat_info["seconds"] = round(time.perf_counter() - tl, 1)
+    print(f"latency table: {lat_info['entries']} entries, held-out median error "
+          f"{lat_info['lookup_table']['median_rel_error']:.1%}", flush=True)  # fmt: skip
+
+    ts = time.perf_counter()
+    torch.manual_seed(0)
+    net = SuperNet(space)
+    train_supernet(net, loader(0), epochs=sn_epochs, n_random=args.n_random,
+                   max_steps=max_steps, progress=False)  # fmt: skip
+    supernet_s = time.perf_counter() - ts
+    print(f"supernet: {sn_epochs} epochs in {supernet_s:.0f} s", flush=True)
+    ev = task_evaluator(net, task, lambda a: table.predict(space, a))
+    teacher = recalibrate_bn(net.extract(space.largest()), ev.calib)
+    margin = lat_info["lookup_table"]["median_rel_error"]
+
+    baselines = [space.uniform(i) for i in range(3)]
+    base_ms = measure_archs(space, baselines, threads=threads)
+    rows: list[dict[str, Any]] = []
+    searches: list[dict[str, Any]] = []
+    finals: dict[str, Any] = {}
+    tuned: dict[Any, Any] = {}
+    for i, (base, target) in enumerate(zip(baselines, base_ms, strict=True)):
+        tag = f"target {i + 1}"
+        got = {}
+        for strategy in STRATEGIES:
+            tt = time.perf_counter()
+            res = search(space, ev, trials=trials, target_ms=target * (1 - margin),
+                         strategy=strategy, seed=i)  # fmt: skip
+            got[strategy] = res
+            d = res.to_dict()
+            d.pop("all")
+            searches.append({"target": tag, "target_ms": target, **d,
+                             "seconds": round(time.perf_counter() - tt, 1)})  # fmt: skip
+            print(f"{tag} {strategy}: best proxy top-1 {res.best.top1 if res.best else None}",
+                  flush=True)  # fmt: skip
+        chosen = [("width-scaled", base)] + [
+            (label, got[st].best.arch) for st, label in STRATEGIES.items() if got[st].best
+        ]
+        for label, arch in chosen:
+            if (arch, i) not in tuned:  # the same architecture and seed: the same fine-tuning
+                model = recalibrate_bn(net.extract(arch), ev.calib)
+                finetune(model, teacher, loader(i + 1),
+                         epochs=ft_epochs, max_steps=max_steps, progress=False)  # fmt: skip
+                tuned[(arch, i)] = model
+            finals[f"{tag}|{label}"] = (tuned[(arch, i)], arch, target, ev(arch))
+    x = torch.randn(1, space.in_channels, space.input_size, space.input_size)
+    times = ort_times({k: (m, x) for k, (m, *_r) in finals.items()}, threads=threads, runs=50)
+    for key, (model, arch, target, cand) in finals.items():
+        tag, label = key.split("|")
+        method = label
+        rows.append({
+            "model": "shapes", "tool": "slimkit", "method": f"{method}, {tag}", "batch": 1,
+            "target_ms": target, "latency_ms": times[key]["ms"],
+            "latency_median_ms": times[key]["median_ms"], "latency_spread_ms": times[key]["spread"],
+            "meets_target": times[key]["ms"] <= target, "predicted_ms": cand.latency_ms,
+            "metric": {"top1": evaluate(model, task, "test")["top1"], "proxy_top1_val": cand.top1},
+            "params": cand.params, "arch": arch.describe(),
+        })  # fmt: skip
+    rows.append({"model": "shapes", "tool": "slimkit", "method": "nas latency model",
+                 "median_rel_error": lat_info["lookup_table"]["median_rel_error"]})  # fmt: skip
+    cols = [("method", "method"), ("arch", "arch"), ("target ms", "target_ms"),
+            ("ms", "latency_ms"), ("meets", "meets_target"), ("top-1", "top1"),
+            ("params", "params")]  # fmt: skip
+    shown = [{**r, "top1": r["metric"]["top1"]} for r in rows[:-1]]
+    print_table("bench_nas: shapes, ORT batch 1, 1 thread; top-1 on the test split", cols, shown)
+    best = {(s["target"], s["strategy"]): (s["best"] or {}).get("top1", 0.0) for s in searches}
+    per_target = []
+    for i in range(3):
+        tag = f"target {i + 1}"
+        r = {row["method"].rsplit(", ", 1)[0]: row for row in rows if row["method"].endswith(tag)}
+        base_row, nas_row = r["width-scaled"], r[STRATEGIES["nsga2"]]
+        per_target.append({
+            "target": tag, "target_ms": base_row["target_ms"],
+            "nas_meets_target": nas_row["meets_target"],
+            "nas_top1_minus_width_scaled": nas_row["metric"]["top1"] - base_row["metric"]["top1"],
+            "nas_ms_over_width_scaled_ms": nas_row["latency_ms"] / base_row["latency_ms"],
+            "proxy_best": {st: best[(tag, st)] for st in STRATEGIES},
+        })  # fmt: skip
+    summary = {
+        "latency_model": lat_info,
+        "per_target": per_target,
+        "nsga2_beats_random_proxy": sum(
+            best[(f"target {i + 1}", "nsga2")] > best[(f"target {i + 1}", "random")]
+            for i in range(3)
+        ),
+        "rl_beats_random_proxy": sum(
+            best[(f"target {i + 1}", "rl")] > best[(f"target {i + 1}", "random")] for i in range(3)
+        ),
+        "searches": searches,
+        "supernet_seconds": round(supernet_s, 1),
+        "load_average_start": load,
+        "load_average_end": os.getloadavg(),
+    }
+    settings = {"threads": threads, "trials": trials, "supernet_epochs": sn_epochs,
+                "train_images": n_train, "n_random": args.n_random,
+                "finetune_epochs": ft_epochs, "margin": margin,
+                "space": space.to_dict()}  # fmt: skip
+    print(f"wrote {write_result('nas', args, rows, settings, t0, summary=summary)}")
+
+
+if __name__ == "__main__":
+    main()
