@@ -250,14 +250,15 @@ def test_unknown_backend_and_failing_op_names() -> None:
 
 @pytest.mark.slow
 def test_cli_deploy_json(tmp_path: Path) -> None:
-    from typer.testing import CliRunner
+    """In a real process: runtimes that print from C++ (MNN) must not spoil --json on stdout."""
+    import subprocess
 
-    from slimkit.cli import app
-
-    res = CliRunner().invoke(app, ["deploy", "zoo:cnn_bn", "--backend", "ort", "--out",
-                                   str(tmp_path), "--json", "--hw", "none", "--runs", "5",
-                                   "--rounds", "1", "--no-tune"])  # fmt: skip
-    assert res.exit_code == 0, res.output
+    names = "ort,mnn" if _installed("MNN") else "ort"
+    cmd = ["deploy", "zoo:cnn_bn", "--backend", names, "--out", str(tmp_path), "--json", "--hw",
+           "none", "--runs", "5", "--rounds", "1", "--no-tune"]  # fmt: skip
+    res = subprocess.run([sys.executable, "-c", "from slimkit.cli import main; main()", *cmd],
+                         capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
     data = json.loads(res.stdout)
-    assert data["chosen"] == "ort" and data["results"][0]["sqnr_db"] > 100
+    assert data["chosen"] in names.split(",") and data["results"][0]["sqnr_db"] > 100
     assert (tmp_path / "deploy.json").is_file() and (tmp_path / "model.onnx").is_file()

@@ -58,8 +58,9 @@ class MnnBackend(Backend):
         return [dest]
 
     def load(self, files: list[Path], inputs: Arrays, settings: dict[str, Any]) -> Runner:
-        import MNN.expr as F
-        import MNN.nn as mnn_nn
+        with quiet_stdout():  # importing MNN prints the CPU's features on stdout
+            import MNN.expr as F
+            import MNN.nn as mnn_nn
 
         ins, outs = (ln.split(",") for ln in (files[0].parent / "io.txt").read_text().splitlines())
         config = {"backend": "CPU", "precision": str(settings.get("precision", "high")),
