@@ -5,13 +5,15 @@ Rows per model (default: ``shapes_resnet18`` with early exit and skip gates, ``s
 early exit and both lightweight conversions; ``--models`` / ``--methods`` choose):
 
 - ``float``: the trained model exported to ONNX, the reference.
-- ``early exit ...``: exit heads (width 32) at the cut points nearest 50 / 75 (/ 87) % of the
-  MACs, backbone frozen, heads distilled from the final head on ``--ee-subset`` train images
-  (features cached once), max-softmax thresholds calibrated on the val split so that at most
-  ``--calib-drop`` of it is predicted differently from the full model; run by ``OrtEarlyExit``
-  (one ONNX graph per segment). ``macs_saved``: the average over the test split (analyze's MAC
-  counting, the heads on the way included); latency: the average per test image, gating
-  included.
+- ``early exit ...``: exit heads (width 32) at the cut points nearest 50 / 63 / 75 / 87 % of
+  the MACs (``shapes_cnn``: 50 / 75 %). On the ResNet the backbone is fine-tuned with them, every
+  exit and the final head distilled from the original (``--ee-frozen``: heads only); on
+  ``shapes_cnn`` the backbone is frozen (heads distilled from its final head, features cached
+  once). Max-softmax thresholds calibrated on the val split so that at most ``d`` of it is
+  predicted differently from the full model, one row per ``d`` in ``--calib-drops`` (the same
+  trained model and ONNX pieces); run by ``OrtEarlyExit`` (one ONNX graph per segment).
+  ``macs_saved``: the average over the test split (analyze's MAC counting, the heads on the way
+  included); latency: the average per test image, gating included.
 - ``lightweight separable`` / ``lightweight ghost``: the 3x3 convs (not the RGB stem) converted
   (SVD / paired-filter initialisation), then distilled from the float model (``--lw-epochs`` over
   ``--train-subset`` train images).
@@ -52,7 +54,9 @@ from _common import parser, print_table, start, write_result  # noqa: E402
 from slimkit.analyze.profile import profile_model  # noqa: E402
 from slimkit.dynamic import (  # noqa: E402
     EarlyExit,
+    OrtEarlyExit,
     SkipGates,
+    calibrate,
     early_exit,
     export_early_exit,
     export_skip_gates,
@@ -93,27 +97,38 @@ DEFAULT = {  # model -> methods (lightweight distillation on the ResNet is too s
 }
 
 
-def _early_exit(model: Any, args: Any, task: Any, x1: torch.Tensor, tmp: Path) -> tuple[Any, ...]:
+def _early_exit(model: Any, args: Any, task: Any, x1: torch.Tensor, tmp: Path) -> list[Any]:
+    """One early-exit model, trained once, at each calibration budget of ``--calib-drops``
+    (same ONNX pieces, other thresholds): one row each."""
     q = args.quick
-    at = [0.5, 0.75, 0.87] if "resnet" in args.current else [0.5, 0.75]
-    cfg = EarlyExit(max_drop=args.calib_drop, epochs=1 if q else args.ee_epochs, at=at,
-                    head_width=32, lr=args.ee_lr, finetune=args.ee_finetune)  # fmt: skip
+    at = [0.5, 0.63, 0.75, 0.87] if "resnet" in args.current else [0.5, 0.75]
+    ft = args.ee_finetune and "resnet" in args.current
+    cfg = EarlyExit(max_drop=args.calib_drops[0], epochs=1 if q else args.ee_epochs, at=at,
+                    head_width=32, lr=args.ee_lr, finetune=ft)  # fmt: skip
     t0 = time.perf_counter()
     n = 512 if q else args.ee_subset or len(task.train)
     train = _subset(task, "train", n, 64, seed=1)
-    ee = early_exit(model, cfg, data=train, calib=task.loader("val", 256), progress=False)
+    val = task.loader("val", 256)
+    ee = early_exit(model, cfg, data=train, calib=val, progress=False)
     tool_s = time.perf_counter() - t0
-    ev = ee.evaluate(task.loader("test", 256))
-    run = export_early_exit(ee, tmp / "ee", example_inputs=x1, threads=THREADS)
-    label = f"early exit (max-softmax, {len(ee.heads)} exits, calibrated {cfg.max_drop:g})"
-    row = {"method": label, "macs": round(ev["avg_macs"]), "macs_saved": round(ev["macs_saved"], 4),
-           "exit_fractions": [round(f, 4) for f in ev["exit_fractions"]],
-           "exits_after": ee.cuts, "thresholds": ev["thresholds"],
-           "exit_top1_torch": [round(f, 4) for f in ev["exit_top1"]],
-           "torch_top1": round(ev["top1"], 4), "train_images": n,
-           "full_top1_torch": round(ev["full_top1"], 4),
-           "tool_s": round(tool_s, 1), "config": cfg.to_dict()}  # fmt: skip
-    return label, (lambda a: run(a)[0]), row
+    first = export_early_exit(ee, tmp / "ee", example_inputs=x1, threads=THREADS)
+    out = []
+    for drop in args.calib_drops:
+        calibrate(ee, val, drop)
+        ev = ee.evaluate(task.loader("test", 256))
+        run = OrtEarlyExit(first.sessions, ee.thresholds.tolist())
+        how = "fine-tuned" if ft else "frozen backbone"
+        label = f"early exit (max-softmax, {len(ee.heads)} exits, {how}, calibrated {drop:g})"
+        row = {"method": label, "macs": round(ev["avg_macs"]),
+               "macs_saved": round(ev["macs_saved"], 4),
+               "exit_fractions": [round(f, 4) for f in ev["exit_fractions"]],
+               "exits_after": ee.cuts, "thresholds": ev["thresholds"],
+               "exit_top1_torch": [round(f, 4) for f in ev["exit_top1"]],
+               "full_top1_torch": round(ev["full_top1"], 4), "torch_top1": round(ev["top1"], 4),
+               "train_images": n, "tool_s": round(tool_s, 1),
+               "config": cfg.replace(max_drop=drop).to_dict()}  # fmt: skip
+        out.append((label, (lambda a, r=run: r(a)[0]), row))
+    return out
 
 
 def _lightweight(model: Any, kind: str, args: Any, train: list[Any], x1: torch.Tensor,
@@ -134,7 +149,7 @@ def _lightweight(model: Any, kind: str, args: Any, train: list[Any], x1: torch.T
 def _skip_gate(model: Any, args: Any, task: Any, x1: torch.Tensor, tmp: Path) -> tuple[Any, ...]:
     q = args.quick
     train = _subset(task, "train", 512 if q else args.sg_subset, 64, seed=2)
-    cfg = SkipGates(penalty=args.penalty, epochs=1 if q else args.sg_epochs, lr=1e-3,
+    cfg = SkipGates(penalty=args.penalty, epochs=1 if q else args.sg_epochs, lr=args.sg_lr,
                     max_steps=10 if q else None)  # fmt: skip
     t0 = time.perf_counter()
     sg = skip_gates(model, cfg, data=train, progress=False)
@@ -159,7 +174,7 @@ def bench_model(name: str, methods: tuple[str, ...], args: Any) -> list[dict[str
     images = [a[None].numpy() for a in task.test.tensors[0][:n_test]]
     labels = task.test.tensors[1][:n_test].numpy()
     full_macs = profile_model(model, (x1,)).total_macs
-    train = _subset(task, "train", 512 if q else args.train_subset, 64)
+    train = _subset(task, "train", 512 if q else args.train_subset or len(task.train), 64)
     base = {"model": name, "tool": "slimkit", "batch": 1}
     runners: dict[str, Runner] = {}
     rows: dict[str, dict[str, Any]] = {}
@@ -170,13 +185,14 @@ def bench_model(name: str, methods: tuple[str, ...], args: Any) -> list[dict[str
                          "params": sum(p.numel() for p in model.parameters())}  # fmt: skip
         for m in methods:
             if m == "early-exit":
-                label, fn, row = _early_exit(model, args, task, x1, tmp)
+                made = _early_exit(model, args, task, x1, tmp)
             elif m == "skip-gate":
-                label, fn, row = _skip_gate(model, args, task, x1, tmp)
+                made = [_skip_gate(model, args, task, x1, tmp)]
             else:
-                label, fn, row = _lightweight(model, m, args, train, x1, tmp)
-            runners[label], rows[label] = fn, row
-            print(f"{name} {label}: {row['tool_s']} s", flush=True)
+                made = [_lightweight(model, m, args, train, x1, tmp)]
+            for label, fn, row in made:
+                runners[label], rows[label] = fn, row
+                print(f"{name} {label}: {row['tool_s']} s", flush=True)
         for label, fn in runners.items():
             rows[label]["metric"] = {"top1": top1(fn, images, labels)}
         timed = images[: 100 if q else args.timed_images]
@@ -198,20 +214,27 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=None, help="zoo names (shapes task)")
     p.add_argument("--methods", nargs="+", default=None,
                    help="early-exit skip-gate separable ghost (default: per model)")  # fmt: skip
-    p.add_argument("--calib-drop", type=float, default=0.01, help="disagreement the exits may cost")
-    p.add_argument("--ee-epochs", type=int, default=4, help="exit-head epochs (cached features)")
+    p.add_argument(
+        "--calib-drops",
+        type=float,
+        nargs="+",
+        default=[0.01, 0.02, 0.03],
+        help="val disagreement with the full model the exits may cost (a row each)",
+    )
+    p.add_argument("--ee-epochs", type=int, default=2, help="early-exit training epochs")
     p.add_argument("--ee-subset", type=int, default=0, help="train images for the exits (0: all)")
     p.add_argument(
         "--ee-finetune",
         action="store_true",
         help="train the backbone too, every exit distilled from the original",
     )
-    p.add_argument("--ee-lr", type=float, default=3e-3, help="exit training learning rate")
-    p.add_argument("--lw-epochs", type=int, default=4, help="lightweight distillation epochs")
-    p.add_argument("--sg-epochs", type=int, default=1, help="skip-gate training epochs")
-    p.add_argument("--penalty", type=float, default=2.0, help="skip-gate compute penalty")
-    p.add_argument("--train-subset", type=int, default=4096, help="train images, lightweight")
-    p.add_argument("--sg-subset", type=int, default=1536, help="train images for the skip gates")
+    p.add_argument("--ee-lr", type=float, default=1e-3, help="exit training learning rate")
+    p.add_argument("--lw-epochs", type=int, default=5, help="lightweight distillation epochs")
+    p.add_argument("--sg-epochs", type=int, default=2, help="skip-gate training epochs")
+    p.add_argument("--sg-lr", type=float, default=2e-3, help="skip-gate training learning rate")
+    p.add_argument("--penalty", type=float, default=3.0, help="skip-gate compute penalty")
+    p.add_argument("--train-subset", type=int, default=0, help="train images, lightweight (0: all)")
+    p.add_argument("--sg-subset", type=int, default=3072, help="train images for the skip gates")
     p.add_argument("--timed-images", type=int, default=500, help="test images per timed round")
     args = p.parse_args()
     t0 = start(THREADS)
