@@ -225,3 +225,29 @@ def test_adaround_learns_the_rounding_of_the_plans_integer_layers(model) -> None
         err_near = float((near(x) - ref).pow(2).mean())
         err_ada = float((ada(x) - ref).pow(2).mean())
     assert err_ada <= err_near * 1.05
+
+
+def test_solver_meets_a_time_budget_at_the_least_sensitivity() -> None:
+    sens = {"a": {"fp32": 0.0, "int8": 1.0}, "b": {"fp32": 0.0, "int8": 5.0}}
+    costs = {n: {"fp32": 400, "int8": 100} for n in sens}
+    seconds = {"a": {"fp32": 3.0, "int8": 1.0}, "b": {"fp32": 2.0, "int8": 1.5}}
+    params = {n: 100 for n in sens}
+    # all fp32 takes 5 s; within 4 s only a in int8 fits (1 + 2; b in int8 gives 3 + 1.5)
+    assert solve(sens, costs, params, seconds=seconds, max_seconds=4.0) == {
+        "a": "int8", "b": "fp32"}  # fmt: skip
+    assert solve(sens, costs, params, seconds=seconds, max_seconds=2.6) == {
+        "a": "int8", "b": "int8"}  # fmt: skip
+    with pytest.raises(ConfigError, match="no choice of formats meets the budget"):
+        solve(sens, costs, params, seconds=seconds, max_seconds=2.0)
+
+
+def test_a_latency_budget_is_measured_per_layer_and_on_the_result(model) -> None:
+    q = sk.quantize(model, Mixed(max_latency_ms=1000.0, num_batches=4), data=_calib(4))
+    rec = q.meta["slimkit"]
+    assert rec["latency_ms"] > 0 and rec["within_latency_budget"] is True
+    assert rec["budget"]["max_latency_ms"] == 1000.0
+    for name in LAYERS:  # every layer's kernels were timed in both arithmetics
+        ms = rec["layers"][name]["ms"]
+        assert ms["fp32"] > 0 and ms["int8"] > 0 and ms["int4"] == ms["int8"]
+    with pytest.raises(ConfigError, match=r"max_latency_ms=1e-06 is below what this model"):
+        sk.quantize(model, Mixed(max_latency_ms=1e-6, num_batches=4), data=_calib(4))

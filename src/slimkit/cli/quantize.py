@@ -24,7 +24,7 @@ def quantize_cmd(
         "mse",
         help="int8 calibration: minmax | percentile | entropy | mse; or weight-only: int4 | "
         "int4-rtn | int4-mse | int4-gptq | int4-awq | int8-rtn | int8-gptq; or mixed (a format "
-        "per layer under --max-size / --avg-bits, or --plan)",
+        "per layer under --max-size / --max-latency / --avg-bits, or --plan)",
     ),  # fmt: skip
     group_size: int = typer.Option(128, help="weight-only: input channels per scale (32/64/128)"),
     symmetric: bool = typer.Option(False, help="weight-only: no zero points"),
@@ -73,6 +73,9 @@ def quantize_cmd(
     max_size: str | None = typer.Option(
         None, help="--method mixed: file size budget (0.5MB, 200KB)"
     ),
+    max_latency: str | None = typer.Option(
+        None, help="--method mixed: batch-1 ORT latency budget here (2ms, 500us), measured"
+    ),
     avg_bits: float | None = typer.Option(None, help="--method mixed: mean bits per weight"),
     plan: Path | None = typer.Option(None, help="--method mixed: apply this plan (YAML) exactly"),
     plan_out: Path | None = typer.Option(None, help="--method mixed: write the chosen plan here"),
@@ -93,7 +96,8 @@ def quantize_cmd(
 
     configure_threads(2)
     if method.strip().lower() in ("mixed", "quant.mixed"):
-        budget = {"max_size": max_size, "avg_bits": avg_bits, "plan": plan, "plan_out": plan_out}
+        budget = {"max_size": max_size, "avg_bits": avg_bits, "plan": plan, "plan_out": plan_out,
+                  "max_latency": max_latency}  # fmt: skip
         return _mixed_cmd(model, out, calib, weights, input_shape, runs, json_out, num_batches,
                           budget)  # fmt: skip
     lowbit = _method_fields(method, "quant.lowbit")  # experimental low-bit weights
@@ -341,10 +345,13 @@ def _mixed_cmd(model: str, out: Path, calib: str | None, weights: Path | None,
     from slimkit.pipeline.measure import compare
     from slimkit.pipeline.recipe import Step
     from slimkit.quant.mixed import Mixed, save_plan
+    from slimkit.search.constraints import TIME_UNITS, parse_quantity
 
     size, plan, plan_out = budget["max_size"], budget["plan"], budget["plan_out"]
+    latency = parse_quantity(budget.get("max_latency"), TIME_UNITS, "--max-latency", "2ms")
     cfg = Mixed(max_size_mb=parse_size_mb(size) if size else None, avg_bits=budget["avg_bits"],
-                plan=str(plan) if plan else None, num_batches=num_batches)  # fmt: skip
+                max_latency_ms=latency, plan=str(plan) if plan else None,
+                num_batches=num_batches)  # fmt: skip
     rm, res = _run_step(model, out, calib, weights, input_shape, json_out, Step("quant.mixed", cfg))
     rec = res.steps[0].details
     if plan_out is not None:
@@ -356,6 +363,7 @@ def _mixed_cmd(model: str, out: Path, calib: str | None, weights: Path | None,
     result = {"model": model, "method": "quant.mixed", "config": cfg.to_dict(),
               "plan": rec["plan"], "bit_widths": rec["bit_widths"], "avg_bits": rec["avg_bits"],
               "within_budget": rec["within_budget"], "tool_s": round(res.seconds, 2),
+              "within_latency_budget": rec.get("within_latency_budget"),
               "size_mb": cmp.to_dict()["size_mb"], "latency_ms": cmp.to_dict()["latency_ms"],
               "metrics": metrics, **{k: run_info[k] for k in ("machine", "versions")}}  # fmt: skip
     write_metrics(out, {**result, "recipe": run_info["recipe"], "steps": run_info["steps"]})

@@ -12,11 +12,15 @@ that the exported file fits a size (and an average bits-per-weight) budget at th
    of the file) and the bits per weight (<= ``avg_bits``). Exact because a greedy Pareto walk is
    not (per-layer curves are not convex, and two budgets at once break its ordering), and a
    model's few hundred binaries solve in milliseconds.
+   With ``max_latency_ms`` each layer's kernels are timed in ONNX Runtime once in fp32 and once
+   in int8 (``layer_seconds``; fp16 weights run on the float kernels, 4- and 2-bit codes on the
+   int8 ones) and their sum is kept under the budget less the rest of the graph.
 3. **Apply**: static PTQ (``quant.ptq``) with the float layers kept float, the per-layer weight
    bits of the integer ones (4- and 2-bit codes run on ORT's int8 kernels: W4A8, W2A8), and the
    fp16 layers' weights stored in fp16. The result is exported (QDQ, weights packed, checked
-   against the simulation) and its file measured; over budget, the rest-of-file estimate is
-   corrected by what was measured and the plan solved again.
+   against the simulation) and its file measured (and, with a latency budget, timed: the lower
+   quartile of batch-1 runs); over budget, the estimate of the rest is corrected by what was
+   measured and the plan solved again.
 
 The **plan** is a YAML file (``save_plan``): ``layers: {name: format}``, each line commented with
 its parameters, bytes per format and sensitivity. Edit it and pass it back (``Mixed(plan=path)``
@@ -68,6 +72,8 @@ class Mixed(Config):
 
     max_size_mb: float | None = Field(None, gt=0)  # the exported ONNX file (packed), in MB
     avg_bits: float | None = Field(None, ge=2, le=32)  # mean bits per weight of the layers
+    # batch-1 latency in ONNX Runtime on this machine (each run's lower quartile, measured)
+    max_latency_ms: float | None = Field(None, gt=0)
     formats: list[Format] = Field(default_factory=lambda: list(DEFAULT_FORMATS))  # to choose from
     plan: str | dict[str, Any] | None = None  # a plan to apply exactly: YAML path or {layer: fmt}
     metric: Literal["auto", "kl", "mse"] = "auto"  # sensitivity; auto: kl for logits, else mse
@@ -195,9 +201,11 @@ def sensitivities(
 def solve(
     sens: dict[str, dict[str, float]], costs: dict[str, dict[str, int]], params: dict[str, int],
     *, max_bytes: float | None = None, avg_bits: float | None = None,
+    seconds: dict[str, dict[str, float]] | None = None, max_seconds: float | None = None,
 ) -> dict[str, str]:  # fmt: skip
-    """The format per layer of least summed sensitivity with ``sum(bytes) <= max_bytes`` and
-    ``sum(params * bits) <= avg_bits * sum(params)`` (an exact integer programme)."""
+    """The format per layer of least summed sensitivity with ``sum(bytes) <= max_bytes``,
+    ``sum(params * bits) <= avg_bits * sum(params)`` and ``sum(seconds) <= max_seconds`` (an
+    exact integer programme)."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     names = list(sens)
@@ -217,6 +225,10 @@ def solve(
         rows.append([float(params[n] * BITS[f]) for n, f in pairs])
         lo.append(-np.inf)
         hi.append(avg_bits * sum(params.values()))
+    if max_seconds is not None and seconds is not None:
+        rows.append([float(seconds[n][f]) for n, f in pairs])
+        lo.append(-np.inf)
+        hi.append(float(max_seconds))
     res = milp(c, constraints=LinearConstraint(np.array(rows), lo, hi),
                integrality=np.ones(len(pairs)), bounds=Bounds(0, 1))  # fmt: skip
     if res.x is None:
@@ -343,10 +355,15 @@ def quantize_mixed(
     from slimkit.quant.sim import WEIGHTED, place
 
     cfg = config or Mixed()
-    if cfg.plan is None and cfg.max_size_mb is None and cfg.avg_bits is None:
+    if (
+        cfg.plan is None
+        and cfg.max_size_mb is None
+        and cfg.avg_bits is None
+        and (cfg.max_latency_ms is None)
+    ):
         raise ConfigError(
             "quant.mixed needs a budget or a plan",
-            fix="pass max_size_mb=..., avg_bits=..., or plan='plan.yaml'",
+            fix="pass max_size_mb=..., avg_bits=..., max_latency_ms=..., or plan='plan.yaml'",
         )
     t0 = time.perf_counter()
     batches = collect_batches(data, what="calibration data", limit=cfg.num_batches)
@@ -372,25 +389,36 @@ def quantize_mixed(
                              metric, int8_bits)  # fmt: skip
     del gm
     budget = None if cfg.max_size_mb is None else cfg.max_size_mb * 1e6
+    lat_budget = None if cfg.max_latency_ms is None else cfg.max_latency_ms / 1e3
+    timed = cfg.max_latency_ms is not None
+    seconds: dict[str, dict[str, float]] = {}
     if cfg.plan is not None:
         out = _apply(model, formats, cfg, batches, scope, int8_bits)
-        size_bytes, attempts = _exported_size(out, batches[0]), 1
+        (size_bytes, latency), attempts = _measure(out, batches[0], timed), 1
     else:
-        fit = _Fit(model, cfg, batches, scope, int8_bits, sens, costs, params)
-        out, formats, size_bytes, attempts = fit.run(budget)
+        if timed:
+            seconds = layer_seconds(model, list(layers), cfg, batches, scope, int8_bits)
+        fit = _Fit(model, cfg, batches, scope, int8_bits, sens, costs, params, seconds)
+        out, formats, size_bytes, latency, attempts = fit.run(budget, lat_budget)
     size_mb = size_bytes / 1e6
     bits = sum(params[n] * BITS[f] for n, f in formats.items()) / max(sum(params.values()), 1)
     dist = distribution(formats, params)
     meta: dict[str, Any] = getattr(out, "meta")["slimkit"]  # noqa: B009 - set by quant.ptq
     meta.update({
         "method": "quant.mixed", "config": cfg.to_dict(), "metric": metric,
-        "budget": {"max_size_mb": cfg.max_size_mb, "avg_bits": cfg.avg_bits},
+        "budget": {"max_size_mb": cfg.max_size_mb, "avg_bits": cfg.avg_bits,
+                   "max_latency_ms": cfg.max_latency_ms},
         "size_mb": round(size_mb, 6),
         "within_budget": None if budget is None else size_bytes <= budget,
+        "latency_ms": None if latency is None else round(latency * 1e3, 4),
+        "within_latency_budget": None if lat_budget is None or latency is None
+        else latency <= lat_budget,
         "avg_bits": round(bits, 3), "plan": dict(formats), "bit_widths": dist,
         "int8_weight_bits": int8_bits, "solves": attempts,
         "layers": {n: {"format": formats[n], "params": params[n], "bytes": costs[n],
-                       **({"sensitivity": sens[n]} if sens else {})} for n in layers},
+                       **({"sensitivity": sens[n]} if sens else {}),
+                       **({"ms": {f: round(t * 1e3, 4) for f, t in seconds[n].items()}}
+                          if seconds else {})} for n in layers},
         "distribution": distribution_table(dist, size_mb, bits),
         "seconds": round(time.perf_counter() - t0, 3),
     })  # fmt: skip
@@ -398,19 +426,23 @@ def quantize_mixed(
 
 
 class _Fit:
-    """Solve, apply, export and measure until the file fits: the rest of the file (all but the
-    layers' bytes) is estimated first, then taken from each measured file."""
+    """Solve, apply, export and measure until the plan fits: the rest of the file (all but the
+    layers' bytes) and of the latency (all but the layers' kernels) are estimated first, then
+    taken from each measured model."""
 
     def __init__(self, model: nn.Module, cfg: Mixed, batches: list[Batch], scope: Scope | None,
                  int8_bits: int, sens: dict[str, dict[str, float]],
-                 costs: dict[str, dict[str, int]], params: dict[str, int]) -> None:  # fmt: skip
+                 costs: dict[str, dict[str, int]], params: dict[str, int],
+                 seconds: dict[str, dict[str, float]] | None = None) -> None:  # fmt: skip
         self.model, self.cfg, self.batches, self.scope = model, cfg, batches, scope
         self.int8_bits, self.sens, self.params = int8_bits, sens, params
         self.costs: dict[str, dict[str, int]] = {
             n: {str(f): c[f] for f in cfg.formats} for n, c in costs.items()
         }
+        self.seconds = {n: {str(f): t[f] for f in cfg.formats} for n, t in (seconds or {}).items()}
 
-    def solve(self, budget: float | None, rest: float) -> dict[str, str]:
+    def solve(self, budget: float | None, rest: float, lat: float | None,
+              lat_rest: float) -> dict[str, str]:  # fmt: skip
         if budget is not None:
             smallest = sum(min(c.values()) for c in self.costs.values())
             if smallest + rest > budget:
@@ -419,53 +451,114 @@ class _Fit:
                     f"formats {list(self.cfg.formats)}: about {(smallest + rest) / 1e6:.4g} MB",
                     fix="raise max_size_mb, or allow smaller formats (formats: [..., int2])",
                 )
+        if lat is not None:
+            fastest = sum(min(t.values()) for t in self.seconds.values())
+            if fastest + lat_rest > lat:
+                raise ConfigError(
+                    f"max_latency_ms={lat * 1e3:g} is below what this model reaches here with "
+                    f"formats {list(self.cfg.formats)}: about {(fastest + lat_rest) * 1e3:.4g} ms",
+                    fix="raise max_latency_ms (or prune the model first: fewer MACs)",
+                )
         return solve(self.sens, self.costs, self.params, avg_bits=self.cfg.avg_bits,
-                     max_bytes=None if budget is None else budget - rest)  # fmt: skip
+                     max_bytes=None if budget is None else budget - rest,
+                     seconds=self.seconds or None,
+                     max_seconds=None if lat is None else lat - lat_rest)  # fmt: skip
 
-    def run(self, budget: float | None) -> tuple[nn.Module, dict[str, str], int, int]:
+    def run(
+        self, budget: float | None, lat: float | None = None
+    ) -> tuple[nn.Module, dict[str, str], int, float | None, int]:
         # first guess of the rest: float parameters outside the layers, per-layer graph nodes
         rest = 4.0 * sum(p.numel() for p in self.model.parameters())
         rest = max(rest - sum(c["fp32"] for c in self.costs.values()), 0.0) if all(
             "fp32" in c for c in self.costs.values()) else 0.0  # fmt: skip
         rest += 300.0 * len(self.costs) + 2000.0
-        best: tuple[nn.Module, dict[str, str], int] | None = None
-        last: tuple[nn.Module, dict[str, str], int] | None = None
+        lat_rest = 0.0  # the kernels outside the layers: taken from the first measured model
+        best: tuple[nn.Module, dict[str, str], int, float | None] | None = None
+        last: tuple[nn.Module, dict[str, str], int, float | None] | None = None
         attempts = 0
         while attempts < 4:
             attempts += 1
             try:
-                formats = self.solve(budget, rest)
+                formats = self.solve(budget, rest, lat, lat_rest)
             except ConfigError:
                 if best is not None:  # a plan that fits was measured: keep it
                     break
                 if attempts > 1:  # with the rest measured, nothing fits
                     raise
-                # the first estimate of the rest may be high: measure the smallest plan's file
-                formats = {n: min(c, key=c.__getitem__) for n, c in self.costs.items()}
+                # the first estimate of the rest may be off: measure the smallest (or fastest)
+                # plan's model
+                table = self.costs if budget is not None or lat is None else self.seconds
+                formats = {n: min(c, key=c.__getitem__) for n, c in table.items()}
             if last is not None and formats == last[1]:
                 break  # the same plan again: nothing new to measure
             out = _apply(self.model, formats, self.cfg, self.batches, self.scope, self.int8_bits)
-            size = _exported_size(out, self.batches[0])
-            last = (out, formats, size)
-            fits = budget is None or size <= budget
+            size, seconds = _measure(out, self.batches[0], lat is not None)
+            last = (out, formats, size, seconds)
+            fits = (budget is None or size <= budget) and (
+                lat is None or (seconds is not None and seconds <= lat)
+            )
             if fits and (best is None or self._cost(formats) <= self._cost(best[1])):
                 best = last
-            if budget is None:
+            if budget is None and lat is None:
                 break
-            measured = size - sum(self.costs[n][f] for n, f in formats.items()) + 64.0
-            rest = measured if fits else max(measured, rest + size - budget)
+            if budget is not None:
+                measured = size - sum(self.costs[n][f] for n, f in formats.items()) + 64.0
+                over = size > budget
+                rest = max(measured, rest + size - budget) if over else measured
+            if lat is not None and seconds is not None:
+                measured_t = seconds - sum(self.seconds[n][f] for n, f in formats.items())
+                lat_rest = max(measured_t, lat_rest + seconds - lat) if seconds > lat else (
+                    measured_t)  # fmt: skip
         if best is None:
             assert last is not None
-            if budget is not None:
-                raise ConfigError(
-                    f"no plan fitted max_size_mb={budget / 1e6:g} in {attempts} tries (the last "
-                    f"file was {last[2] / 1e6:.4g} MB)",
-                    fix="raise max_size_mb a little, or allow smaller formats (add int2)",
+            if budget is not None or lat is not None:
+                got = [f"the last file was {last[2] / 1e6:.4g} MB"] if budget is not None else []
+                if lat is not None and last[3] is not None:
+                    got.append(f"it ran in {last[3] * 1e3:.4g} ms")
+                wanted = ", ".join(
+                    ([f"max_size_mb={budget / 1e6:g}"] if budget is not None else [])
+                    + ([f"max_latency_ms={lat * 1e3:g}"] if lat is not None else [])
                 )
-        return (*(best or last), attempts)  # type: ignore[misc]
+                raise ConfigError(
+                    f"no plan met {wanted} in {attempts} tries ({'; '.join(got)})",
+                    fix="loosen the budget a little, or allow smaller formats (add int2)",
+                )
+        final = best if best is not None else last
+        assert final is not None
+        return final[0], final[1], final[2], final[3], attempts
 
     def _cost(self, formats: dict[str, str]) -> float:
         return sum(self.sens[n][f] for n, f in formats.items())
+
+
+def layer_seconds(
+    model: nn.Module, layers: list[str], cfg: Mixed, batches: list[Batch], scope: Scope | None,
+    int8_bits: int,
+) -> dict[str, dict[str, float]]:  # fmt: skip
+    """Seconds per batch-1 run of each layer's kernels in ONNX Runtime, per format: measured once
+    on the float model (fp32; fp16 too, whose weights ORT casts back at load) and once on the
+    all-int8 model (int8, and int4 / int2, whose codes run on the same int8 kernels)."""
+    from slimkit.analyze.layer_time import ort_layer_times
+    from slimkit.export.qdq import export_quantized
+
+    x = tuple(t[:1] for t in batches[0].args)
+    kwargs = {k: v[:1] for k, v in batches[0].kwargs.items()} or None
+    if kwargs:
+        raise ConfigError(
+            "max_latency_ms times models called with positional inputs only",
+            fix="use max_size_mb / avg_bits for models that take keyword inputs",
+        )
+    fp = ort_layer_times(model, x, runs=30).per_module
+    q = _apply(model, {n: "int8" for n in layers}, cfg, batches, scope, int8_bits)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "int8.onnx"
+        export_quantized(q, path, example_inputs=x)
+        i8 = ort_layer_times(q, x, runs=30, onnx_path=path).per_module
+    out = {}
+    for n in layers:
+        t_fp, t_i8 = fp.get(n, 0.0), i8.get(n, fp.get(n, 0.0))
+        out[n] = {f: (t_fp if f in ("fp32", "fp16") else t_i8) for f in FORMATS}
+    return out
 
 
 def _apply(model: nn.Module, formats: dict[str, str], cfg: Mixed, batches: list[Batch],
@@ -489,13 +582,20 @@ def _apply(model: nn.Module, formats: dict[str, str], cfg: Mixed, batches: list[
     return out
 
 
-def _exported_size(model: nn.Module, batch: Batch) -> int:
-    """The bytes of ``model``'s QDQ export (packed; checked against the simulation in ORT)."""
+def _measure(model: nn.Module, batch: Batch, timed: bool) -> tuple[int, float | None]:
+    """The bytes of ``model``'s QDQ export (packed; checked against the simulation in ORT) and,
+    when ``timed``, its batch-1 seconds per run in ONNX Runtime (lower quartile of the runs)."""
+    from slimkit.analyze.latency import measure_latency, ort_runner
+    from slimkit.export.ort import ort_session
     from slimkit.export.qdq import export_quantized
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "mixed.onnx"
+        x = tuple(t[:1] for t in batch.args)
         kwargs = {k: v[:1] for k, v in batch.kwargs.items()} or None
-        export_quantized(model, path, example_inputs=tuple(t[:1] for t in batch.args),
-                         example_kwargs=kwargs)  # fmt: skip
-        return path.stat().st_size
+        export_quantized(model, path, example_inputs=x, example_kwargs=kwargs)
+        seconds = None
+        if timed:
+            stats = measure_latency({"m": ort_runner(ort_session(path), list(x))}, runs=50)
+            seconds = stats["m"].quartile_ms / 1e3
+        return path.stat().st_size, seconds
