@@ -6,6 +6,7 @@ and reloads from its artifact."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -215,3 +216,60 @@ def test_permute_reshape_into_a_linear_follows_the_interleaved_columns(tmp_path:
     data = [torch.randn(8, 4, 10) for _ in range(2)]
     t = prune_channels(model, Channel(ratio=0.5, criterion="thinet"), example_inputs=x, data=data)
     assert pruning_record(t)["thinet_refit"] == ["fc"]
+
+
+class MHABlock(nn.Module):
+    """nn.MultiheadAttention self-attention (4 heads of 4) in a residual block."""
+
+    def __init__(self, batch_first: bool = True) -> None:
+        super().__init__()
+        self.inp = nn.Linear(8, 16)
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=batch_first)
+        self.fc = nn.Linear(16, 32)
+        self.out = nn.Linear(32, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        a, _ = self.attn(h, h, h, need_weights=False)
+        return self.out(F.gelu(self.fc(a + h)))
+
+
+class CrossMHA(MHABlock):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        a, _ = self.attn(h, h.flip(1), h.flip(1))
+        return self.out(F.gelu(self.fc(a + h)))
+
+
+def test_multihead_attention_prunes_by_heads_exports_and_reloads(tmp_path: Path) -> None:
+    from slimkit.prune.mha import HeadAttention, split_attention
+
+    for batch_first in (True, False):
+        model = _model(lambda bf=batch_first: MHABlock(bf))  # type: ignore[misc]
+        x = (torch.randn(2, 5, 8) if batch_first else torch.randn(5, 2, 8),)
+        twin = copy.deepcopy(model)
+        assert split_attention(twin) == ["attn"]
+        mask = torch.ones(5, 5, dtype=torch.bool).triu(1)
+        h = model.inp(x[0])
+        with torch.no_grad():  # the split module computes what nn.MultiheadAttention does
+            torch.testing.assert_close(twin(*x), model(*x), atol=1e-5, rtol=0)
+            ref, got = model.attn(h, h, h, attn_mask=mask), twin.attn(h, h, h, attn_mask=mask)
+            for r, g in zip(ref, got, strict=True):
+                torch.testing.assert_close(g, r, atol=1e-5, rtol=0)
+        assert assert_exact_removal(twin, x, Channel(ratio=0.5, criterion="random")) > 0
+    out = prune_channels(model, Channel(ratio=0.5), example_inputs=x)
+    assert isinstance(out.attn, HeadAttention) and out.attn.q_proj.out_features == 8  # 2 heads
+    assert pruning_record(out)["attention_split"] == ["attn"]
+    rep = sk.export_onnx(out, tmp_path / "m.onnx", example_inputs=x, atol=1e-4)  # ORT parity
+    assert rep.max_abs_err is not None and rep.max_abs_err <= 1e-4
+    save_pruned(out, tmp_path / "art")
+    back = load_pruned(tmp_path / "art", model=model)
+    with torch.no_grad():
+        assert torch.equal(back(*x), out(*x))
+
+
+def test_cross_attention_is_refused_by_name() -> None:
+    model, x = _model(CrossMHA), (torch.randn(2, 5, 8),)
+    out = prune_channels(model, Channel(ratio=0.5), example_inputs=x)
+    assert out.attn.q_proj.out_features == 16  # no head removed
+    assert any("separate key / value" in s for s in pruning_record(out)["skipped"])

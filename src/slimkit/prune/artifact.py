@@ -24,6 +24,7 @@ from slimkit.core.io import PathLike, load_into, load_weights, save_weights, wri
 from slimkit.errors import CheckpointError
 from slimkit.prune.channel import Slices, apply_slices, pruning_record, set_record
 from slimkit.prune.hf_attention import head_counts, sync_head_counts
+from slimkit.prune.mha import split_attention
 
 FORMAT = 1
 
@@ -107,6 +108,8 @@ def load_pruned(directory: PathLike, *, model: nn.Module) -> nn.Module:
             fix="re-create the artifact (slimkit prune ... --out DIR, or save_pruned)",
         )
     out = copy.deepcopy(model)
+    if record.get("attention_split"):
+        split_attention(out)  # as prune_channels did before slicing
     try:
         apply_slices(out, slices)
         if dropped:

@@ -39,6 +39,7 @@ from slimkit.errors import ConfigError, UnsupportedError
 from slimkit.prune.depgraph import DepGraph, Group, build_depgraph
 from slimkit.prune.hf_attention import sync_head_counts
 from slimkit.prune.importance import Criterion, LossFn, group_importance, taylor_saliency
+from slimkit.prune.mha import split_attention
 from slimkit.prune.thinet import readers, refit, thinet_scores
 
 _OUTPUT = "reaches the model output"
@@ -343,6 +344,7 @@ def prune_channels(
     cfg = config or Channel()
     inputs = _as_inputs(example_inputs)
     out = copy.deepcopy(model)
+    split = split_attention(out)  # nn.MultiheadAttention -> separate projections, by heads
     plan = plan_channels(
         out, cfg, example_inputs=inputs, data=data, scope=scope, loss_fn=loss_fn, widths=widths
     )
@@ -364,6 +366,9 @@ def prune_channels(
     if previous and previous.get("dropped"):
         record["dropped"] = previous["dropped"]  # blocks dropped earlier (prune/blocks.py)
     record.update(plan.notes)
+    split = [*(previous or {}).get("attention_split", []), *split]
+    if split:
+        record["attention_split"] = split  # load_pruned replays it before the slices
     if not any(plan.remove.values()):  # a verb that changes nothing says so, and why
         why = "; ".join(plan.skipped[:3]) + (f" (and {len(plan.skipped) - 3} more)"
                                              if len(plan.skipped) > 3 else "")  # fmt: skip

@@ -475,6 +475,9 @@ class _Builder:
         self, node: fx.Node, name: str, m: nn.Module, lay: Layout, shape: tuple[int, ...] | None
     ) -> None:
         rank = len(shape) if shape else 3
+        kv = [a for a in node.args[1:3] if isinstance(a, fx.Node)]
+        if any(a is not node.args[0] for a in kv):  # cross-attention: k / v read other tensors
+            return self.fail_inputs(node, "attention with separate key / value inputs")
         self.fail(
             {d: s for d, s in lay.items() if d != rank - 1},
             f"attention mixes positions: {self.where(node)}",
@@ -497,7 +500,17 @@ class _Builder:
                     "would not match its forward"
                 )
         gid = self.produce(f"{name}.out_proj", out.out_features, out)
-        self.lay[node] = {rank - 1: [(gid, out.out_features, 1)]}
+        result: Layout = {rank - 1: [(gid, out.out_features, 1)]}
+        if self.shape(node) is not None:
+            self.lay[node] = result
+            return None
+        # (output, weights) as nn.MultiheadAttention returns: the output is item 0
+        if all(u.op == "call_function" and _op_name(u.target) == "getitem"
+               and u.args[1] in (0, 1) for u in node.users):  # fmt: skip
+            self.parts[node] = [result, {}]
+        else:
+            self.fail(result, f"uses attention's outputs as a tuple: {self.where(node)}")
+        return None
 
     # -- functions and methods ------------------------------------------------------------------
     def call_function(self, node: fx.Node) -> None:
