@@ -11,10 +11,13 @@ Efficient ConvNets", ICLR 2017; Fang et al., "DepGraph: Towards Any Structural P
     small = prune_channels(model, Channel(ratio=0.5, round_to=8), example_inputs=(x,))
 
 YAML step: ``- prune.channel: {ratio: 0.5, criterion: l1, round_to: 8}``. Supports Conv1d/2d/3d
-(plain and depthwise), Linear, Embedding, BatchNorm, LayerNorm, GroupNorm (1 or C groups), residual
-adds, concatenation, flatten, pooling and activations, and attention modules with
-q_proj/k_proj/v_proj/out_proj and a ``head_dim`` attribute. The model's input channels and output
-width are never pruned; a layer slimkit cannot follow is refused by name, never guessed.
+(plain, depthwise, and grouped: whole conv groups), Linear, Embedding, BatchNorm, LayerNorm,
+GroupNorm (1 or C groups), PReLU, residual adds, concatenation (dense blocks), channel ``chunk`` and
+GLU, flatten and reshape (channels-last into a Linear included), pooling and activations, attention
+modules with q_proj/k_proj/v_proj/out_proj and a ``head_dim`` attribute, and self-attention
+``nn.MultiheadAttention`` (replaced by the equal ``prune.mha.HeadAttention``, by heads). The
+model's input channels and output width are never pruned; a layer slimkit cannot follow is refused
+by name, never guessed.
 """
 
 from __future__ import annotations
