@@ -15,11 +15,18 @@ from torch import nn
 from torch.nn import functional as F
 
 import slimkit as sk
-from slimkit.prune import Channel, build_depgraph, prune_channels, pruning_record
+from slimkit.prune import (
+    Channel,
+    apply_slices,
+    build_depgraph,
+    plan_channels,
+    prune_channels,
+    pruning_record,
+)
 from slimkit.prune.artifact import load_pruned, save_pruned
 
 from .awkward_models import GroupedConv
-from .test_channel import assert_exact_removal
+from .test_channel import assert_exact_removal, zero_removed
 
 
 class ResNeXtBlock(nn.Module):
@@ -273,3 +280,27 @@ def test_cross_attention_is_refused_by_name() -> None:
     out = prune_channels(model, Channel(ratio=0.5), example_inputs=x)
     assert out.attn.q_proj.out_features == 16  # no head removed
     assert any("separate key / value" in s for s in pruning_record(out)["skipped"])
+
+
+def test_hugging_face_regnet_prunes_its_grouped_convs_and_squeeze_excitation(
+    tmp_path: Path,
+) -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.RegNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 128],
+                                    depths=[1, 1, 1, 1], groups_width=8)  # fmt: skip
+    model = transformers.RegNetForImageClassification(cfg).eval()
+    x = (torch.randn(2, 3, 32, 32),)
+    plan = plan_channels(model, Channel(ratio=0.5, criterion="random"), example_inputs=x)
+    # only the classifier's output is refused: the grouped convs and SE gates all prune
+    assert len(plan.skipped) == 1 and "classifier" in plan.skipped[0]
+    zeroed = copy.deepcopy(model)
+    zero_removed(zeroed, plan)
+    pruned = apply_slices(copy.deepcopy(zeroed), plan.slices(zeroed))
+    with torch.no_grad():
+        ref, out = zeroed(*x).logits, pruned(*x).logits
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    n = sum(p.numel() for p in pruned.parameters())
+    assert n < 0.5 * sum(p.numel() for p in model.parameters())  # measured 22.4 k of 69.5 k
+    g = pruned.regnet.encoder.stages[1].layers[0].layer[1].convolution
+    assert g.groups == 2 and g.in_channels == 16  # 2 of the 4 groups of 8 channels removed

@@ -595,6 +595,8 @@ class _Builder:
         tracked = [self.lay[a][da] for a, da in parts if a in self.lay and da in self.lay[a]]
         if not tracked:
             return None
+        if self.match_units(tracked):  # coarsened: read the layouts again
+            tracked = [self.lay[a][da] for a, da in parts if a in self.lay and da in self.lay[a]]
         first = tracked[0]
         for a, da in parts:
             if a in self.lay and da in self.lay[a]:
@@ -622,6 +624,23 @@ class _Builder:
                 else:
                     self.union(g1, g2, self.where(node))
         return first
+
+    def match_units(self, tracked: list[list[Seg]]) -> bool:
+        """Channels that meet whole groups at a time (a squeeze-excitation gate of C channels on a
+        grouped conv's output of G groups of C / G): the finer group is coarsened to the groups,
+        so both lose the same channels. Whether anything was coarsened."""
+        one = [segs[0] for segs in tracked if len(segs) == 1 and segs[0][0] is not None]
+        if len(one) != len(tracked):
+            return False
+        widest = max(e for _, _, e in one)
+        done = False
+        for gid, units, expand in one:
+            factor = widest // expand
+            fits = widest % expand == 0 and units % factor == 0
+            if factor > 1 and fits and units * expand == one[0][1] * one[0][2]:
+                self.coarsen(cast(int, gid), factor)
+                done = True
+        return done
 
     def fail_dims(self, node: fx.Node, x: Any, dims: Sequence[int], what: str) -> None:
         """Refuse the channels at ``dims`` (negative counts from the end) of operand ``x``."""
