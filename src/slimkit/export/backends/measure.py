@@ -190,7 +190,9 @@ def _tune(
             row["parity"] = False
             continue
         if len(grid) > 1:
-            t = measure_latency({"c": runner.bind(inputs)}, runs=runs, warmup=3, rounds=1)
+            t = measure_latency(
+                {"c": runner.bind(inputs)}, runs=runs, warmup=3, rounds=1, max_seconds=5.0
+            )  # a slow runtime is told apart in a few runs
             row["latency_ms"], row["quartile_ms"] = t["c"].median_ms, t["c"].quartile_ms
             key = t["c"].quartile_ms
         else:
@@ -323,7 +325,9 @@ def deploy(
             if runner is None:
                 res.status = "parity"
                 res.sqnr_db = db
-                res.reason = f"output differs from PyTorch: SQNR {db:.1f} dB < {min_db:g} dB"
+                res.reason = (f"output differs from PyTorch: SQNR {db:.1f} dB < {min_db:g} dB"
+                              if db is not None and db > -999 else
+                              "output differs from PyTorch in shape or is not finite")  # fmt: skip
                 continue
             res.status, res.settings, res.sqnr_db = "ok", settings, db
             if ref_float is not None:
