@@ -304,3 +304,25 @@ def test_hugging_face_regnet_prunes_its_grouped_convs_and_squeeze_excitation(
     assert n < 0.5 * sum(p.numel() for p in model.parameters())  # measured 22.4 k of 69.5 k
     g = pruned.regnet.encoder.stages[1].layers[0].layer[1].convolution
     assert g.groups == 2 and g.in_channels == 16  # 2 of the 4 groups of 8 channels removed
+
+
+class ReadsInternals(MHABlock):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        a, _ = self.attn(h, h, h)
+        return self.out(F.gelu(self.fc(a + h))) * self.attn.num_heads  # reads nn.MHA's own field
+
+
+def test_attention_inside_torch_layers_or_read_by_the_model_is_left_as_it_is() -> None:
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 32, batch_first=True), 1)
+    model = nn.Sequential(nn.Linear(8, 16), enc, nn.Linear(16, 3)).eval()
+    x = (torch.randn(2, 5, 8),)
+    with pytest.warns(UserWarning, match="removed nothing"):  # the fast path reads in_proj_weight
+        out = prune_channels(model, Channel(ratio=0.5), example_inputs=x)
+    assert isinstance(out[1].layers[0].self_attn, nn.MultiheadAttention)
+    assert "attention_split" not in pruning_record(out)
+    model = _model(ReadsInternals)
+    out = prune_channels(model, Channel(ratio=0.5), example_inputs=x)
+    assert isinstance(out.attn, nn.MultiheadAttention)  # the split copy failed to run: kept
+    with torch.no_grad():
+        assert out(*x).shape == (2, 5, 3)

@@ -348,6 +348,8 @@ def prune_channels(
     inputs = _as_inputs(example_inputs)
     out = copy.deepcopy(model)
     split = split_attention(out)  # nn.MultiheadAttention -> separate projections, by heads
+    if split and not _still_runs(out, inputs):  # its forward reads the module's internals
+        out, split = copy.deepcopy(model), []
     plan = plan_channels(
         out, cfg, example_inputs=inputs, data=data, scope=scope, loss_fn=loss_fn, widths=widths
     )
@@ -385,6 +387,15 @@ def prune_channels(
         warnings.warn(f"prune.channel removed nothing: {record['nothing_removed']}", stacklevel=2)
     set_record(out, record)
     return out
+
+
+def _still_runs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> bool:
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(*inputs)
+    except Exception:  # noqa: BLE001 - any failure: keep the original attention modules
+        return False
+    return True
 
 
 def _thinet_refit(

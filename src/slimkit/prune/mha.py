@@ -102,13 +102,17 @@ def splittable(m: nn.Module) -> bool:
 
 def split_attention(model: nn.Module) -> list[str]:
     """Replace every ``nn.MultiheadAttention`` of ``model`` that can be (in place) by the equal
-    :class:`HeadAttention`; returns their names."""
+    :class:`HeadAttention`; returns their names. Those inside a ``torch.nn`` layer (the
+    ``nn.TransformerEncoderLayer`` fast path reads ``in_proj_weight``) are left alone."""
     done = []
+    containers = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
     for name, m in list(model.named_modules()):
         if splittable(m):
             assert isinstance(m, nn.MultiheadAttention)
-            parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, leaf,
-                    HeadAttention.from_mha(m))  # fmt: skip
+            parent_name, _, leaf = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            if type(parent).__module__.startswith("torch.") and not isinstance(parent, containers):
+                continue
+            setattr(parent, leaf, HeadAttention.from_mha(m))
             done.append(name)
     return done
