@@ -224,9 +224,10 @@ def main() -> None:
     p.add_argument("--ee-epochs", type=int, default=2, help="early-exit training epochs")
     p.add_argument("--ee-subset", type=int, default=0, help="train images for the exits (0: all)")
     p.add_argument(
-        "--ee-finetune",
-        action="store_true",
-        help="train the backbone too, every exit distilled from the original",
+        "--ee-frozen",
+        dest="ee_finetune",
+        action="store_false",
+        help="ResNet: train only the heads (default: the backbone too, distilled)",
     )
     p.add_argument("--ee-lr", type=float, default=1e-3, help="exit training learning rate")
     p.add_argument("--lw-epochs", type=int, default=5, help="lightweight distillation epochs")
