@@ -38,10 +38,12 @@ def test_measured_table_is_cached_and_predicts(tmp_path, monkeypatch):
     space = small_space()
     table = LatencyTable.measure(space, runs=3, rounds=1)
     assert len(table.entries) == len(space_keys(space)) == 12
-    assert all(v > 0 for v in table.entries.values())
+    # entries are net of one session call, which a network pays once
+    assert table.call_ms > 0 and all(v >= 0 for v in table.entries.values())
+    assert sum(v > 0 for v in table.entries.values()) >= 10
     arch = space.largest()
     assert table.predict(space, arch) == pytest.approx(
-        sum(table.entries[":".join(map(str, k))] for k in arch_keys(space, arch))
+        table.call_ms + sum(table.entries[":".join(map(str, k))] for k in arch_keys(space, arch))
     )
 
     def no_timing(*_a, **_k):

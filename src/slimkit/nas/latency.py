@@ -132,6 +132,7 @@ def cache_key(space: CNNSpace, threads: int) -> str:
         ort_version = "?"
     text = json.dumps(
         [
+            "v2",  # entries net of the session call
             info["cpu"],
             info["flags"],
             info["cores"],
@@ -153,6 +154,7 @@ class LatencyTable:
     entries: dict[str, float]
     threads: int = 1
     key: str = ""
+    call_ms: float = 0.0  # one session call on a trivial graph, paid once per network
     scale: float = 1.0
     offset: float = 0.0
     meta: dict[str, Any] = field(default_factory=dict)
@@ -179,11 +181,18 @@ class LatencyTable:
             return cls(**json.loads(path.read_text(encoding="utf-8")))
         keys = space_keys(space)
         entries: dict[str, float] = {}
+        calls = []
         for i in range(0, len(keys), chunk):
             group = {_key_str(k): key_module(space, k) for k in keys[i : i + chunk]}
+            # the cost of one session call on a trivial graph, timed in the same rounds: every
+            # entry pays it once, a whole network pays it once in all
+            group["call"] = (nn.ReLU(), torch.randn(1, 1, 1, 1))
             times = ort_times(group, threads=threads, runs=runs, rounds=rounds, progress=progress)
-            entries.update({k: v["ms"] for k, v in times.items()})
-        table = cls(entries, threads, key, meta={"cpu": cpu_info()["cpu"], "runs": runs})
+            call = times.pop("call")["ms"]
+            calls.append(call)
+            entries.update({k: max(v["ms"] - call, 0.0) for k, v in times.items()})
+        table = cls(entries, threads, key, call_ms=statistics.median(calls),
+                    meta={"cpu": cpu_info()["cpu"], "runs": runs})  # fmt: skip
         if cache:
             table.save(path)
         return table
@@ -195,6 +204,7 @@ class LatencyTable:
                 "entries": self.entries,
                 "threads": self.threads,
                 "key": self.key,
+                "call_ms": self.call_ms,
                 "scale": self.scale,
                 "offset": self.offset,
                 "meta": self.meta,
@@ -202,8 +212,8 @@ class LatencyTable:
         )
 
     def raw(self, space: CNNSpace, arch: Arch) -> float:
-        """The sum of the entries of ``arch`` (ms), before calibration."""
-        return sum(self.entries[_key_str(k)] for k in arch_keys(space, arch))
+        """One session call plus the entries of ``arch`` (ms), before calibration."""
+        return self.call_ms + sum(self.entries[_key_str(k)] for k in arch_keys(space, arch))
 
     def predict(self, space: CNNSpace, arch: Arch) -> float:
         """Predicted whole-network ms of ``arch`` in ORT at batch 1."""
