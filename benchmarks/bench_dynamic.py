@@ -28,7 +28,9 @@ spread. Torch and ONNX Runtime use one thread (a shared machine: the load averag
 JSON).
 
     python benchmarks/bench_dynamic.py --quick   # shapes_cnn, a few steps, 200 test images
-    python benchmarks/bench_dynamic.py           # both models (sized for a busy 2-core machine)
+    python benchmarks/bench_dynamic.py           # both models (results/dynamic.json: 612 s)
+    python benchmarks/bench_dynamic.py --models shapes_cnn --methods ghost separable \
+        --lw-epochs 10 --json benchmarks/results/dynamic_lightweight.json   # 284 s
 """
 
 from __future__ import annotations
