@@ -19,8 +19,8 @@ The latency model is validated on held-out random architectures measured as whol
 median relative error of the lookup table, and of the roofline of this machine's measured
 hardware profile (raw lower bound, and with one scale fitted on the calibration networks).
 
-    .venv/bin/python benchmarks/bench_nas.py            # full (about 25 min under load)
-    .venv/bin/python benchmarks/bench_nas.py --quick    # a smoke run, a small space
+    .venv/bin/python benchmarks/bench_nas.py --supernet-epochs 5   # results/nas.json, 10-18 min
+    .venv/bin/python benchmarks/bench_nas.py --quick               # small space, about 1 min
 """
 
 from __future__ import annotations
