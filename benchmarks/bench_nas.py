@@ -19,8 +19,8 @@ The latency model is validated on held-out random architectures measured as whol
 median relative error of the lookup table, and of the roofline of this machine's measured
 hardware profile (raw lower bound, and with one scale fitted on the calibration networks).
 
-    .venv/bin/python benchmarks/bench_nas.py --supernet-epochs 5   # results/nas.json, 10-18 min
-    .venv/bin/python benchmarks/bench_nas.py --quick               # small space, about 1 min
+    .venv/bin/python benchmarks/bench_nas.py            # results/nas.json, 10-18 min
+    .venv/bin/python benchmarks/bench_nas.py --quick    # small space, about 1 min
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def main() -> None:
     quick = args.quick
     space = quick_space() if quick else CNNSpace()
     trials = args.trials or (8 if quick else 30)
-    sn_epochs = args.supernet_epochs or (1 if quick else 2)
+    sn_epochs = args.supernet_epochs or (1 if quick else 5)
     ft_epochs = args.finetune_epochs or 1
     max_steps = 15 if quick else None
     task = load_task("shapes")
