@@ -5,16 +5,33 @@ trials in total. Experimental: on a loaded 2-core machine 8 trials of a 3-layer 
 in 400 s, and with apache-tvm-ffi 0.1.15 the tuner crashed (``ToJSONGraph``); untuned, TVM runs
 convolutions far slower than the other runtimes.
 
-Tuned settings: threads of TVM's thread pool.
+Tuned settings: threads of TVM's thread pool. TVM would pin the calling thread to one core when
+its pool starts (``TVM_BIND_THREADS``); that would leave PyTorch, ONNX Runtime and everything else
+in the process on one core afterwards, so binding is turned off and the process's CPU affinity is
+restored around every TVM call that can start the pool.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from slimkit.export.backends.base import Arrays, Backend, Runner, static_onnx
+
+
+@contextlib.contextmanager
+def _keep_affinity() -> Iterator[None]:
+    """Run TVM without letting it pin this process to one core."""
+    os.environ["TVM_BIND_THREADS"] = "0"
+    saved = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    try:
+        yield
+    finally:
+        if saved is not None and os.sched_getaffinity(0) != saved:
+            os.sched_setaffinity(0, saved)
 
 
 class TvmBackend(Backend):
@@ -55,25 +72,31 @@ class TvmBackend(Backend):
         mod = from_onnx(model, shape_dict=shapes, dtype_dict=dtypes, keep_params_in_input=False)
         mod = relax.transform.DecomposeOpsForInference()(mod)
         target = self._target()
-        if self.tune_trials > 0:
-            with target:
-                mod = relax.get_pipeline("static_shape_tuning", target=target,
-                                         work_dir=str(workdir / "tuning"),
-                                         total_trials=self.tune_trials)(mod)  # fmt: skip
-        else:
-            mod = relax.get_pipeline("zero")(mod)
-        lib = tvm.compile(mod, target=target)
-        dest = workdir / "model.so"
-        lib.export_library(str(dest))
+        with _keep_affinity():
+            if self.tune_trials > 0:
+                with target:
+                    mod = relax.get_pipeline("static_shape_tuning", target=target,
+                                             work_dir=str(workdir / "tuning"),
+                                             total_trials=self.tune_trials)(mod)  # fmt: skip
+            else:
+                mod = relax.get_pipeline("zero")(mod)
+            lib = tvm.compile(mod, target=target)
+            dest = workdir / "model.so"
+            lib.export_library(str(dest))
         return [dest]
 
     def load(self, files: list[Path], inputs: Arrays, settings: dict[str, Any]) -> Runner:
         import tvm
         from tvm import relax
 
-        tvm.get_global_func("runtime.config_threadpool")(0, int(settings.get("threads", 2)))
-        vm = relax.VirtualMachine(tvm.runtime.load_module(str(files[0])), tvm.cpu())
-        fn = vm["main"]
+        with _keep_affinity():
+            tvm.get_global_func("runtime.config_threadpool")(0, int(settings.get("threads", 2)))
+            vm = relax.VirtualMachine(tvm.runtime.load_module(str(files[0])), tvm.cpu())
+            vm_main = vm["main"]
+
+        def fn(*args: Any) -> Any:
+            with _keep_affinity():  # the pool may (re)start on a call
+                return vm_main(*args)
 
         def to_tvm(xs: Arrays) -> list[Any]:
             return [tvm.runtime.tensor(x) for x in xs]
