@@ -20,7 +20,9 @@ def prune_cmd(
     model: str = typer.Argument(..., help="zoo:NAME, file.pt2, or package.module:factory"),
     out: Path = typer.Option(..., "--out", "-o", help="artifact directory to write"),
     ratio: float = typer.Option(0.5, min=0.0, max=0.95, help="fraction of channels removed"),
-    criterion: str = typer.Option("l1", help="l1 | l2 | bn | fpgm | random"),
+    criterion: str = typer.Option(
+        "l1", help="l1 | l2 | bn | fpgm | random | taylor, thinet (they read the task's data)"
+    ),
     global_ranking: bool = typer.Option(False, help="rank channels across layers"),
     round_to: int | None = typer.Option(
         None,
@@ -80,10 +82,12 @@ def prune_cmd(
             fix="fine-tune in Python with slimkit.prune.recover(model, loader, teacher=dense)",
         )
     data = None
+    if rm.task is not None and criterion in ("thinet", "taylor"):
+        data = f"zoo:{rm.task}:train"  # labelled batches: Taylor's loss, ThiNet's inputs
+    elif rm.task is not None and allocation != "uniform":
+        data = f"zoo:{rm.task}:calibration"  # what the sensitivity allocation reads
     if targets:
         step = Step("prune.auto", Target(**targets, allocation=allocation, channel=cfg, hw=hw))  # type: ignore[arg-type]
-        if rm.task is not None and allocation != "uniform":
-            data = f"zoo:{rm.task}:calibration"
         what = ", ".join(f"target {k} {v:g}" for k, v in targets.items())
     else:
         step = Step("prune.channel", cfg)
