@@ -45,11 +45,19 @@ from torch import nn
 
 from slimkit.core.config import Config
 from slimkit.core.data import iter_batches
-from slimkit.core.io import PathLike, load_into, load_weights, read_metadata, save_weights
+from slimkit.core.io import (
+    PathLike,
+    load_into,
+    load_weights,
+    read_metadata,
+    save_weights,
+    write_json,
+)
 from slimkit.core.registry import METHODS
 from slimkit.core.scope import Scope
 from slimkit.core.train import TrainResult, fit
 from slimkit.errors import CheckpointError, ConfigError
+from slimkit.prune.artifact import baked_state_dict
 from slimkit.prune.unstructured import WEIGHTED, _attach, sparsity
 
 FORMAT = "slimkit.lottery/1"
@@ -176,8 +184,6 @@ def apply_ticket(
 
 def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict with masked weights as plain ``weight`` keys (no parametrization keys)."""
-    from slimkit.prune.artifact import baked_state_dict
-
     return {k: v.detach().clone() for k, v in baked_state_dict(model).items()}
 
 
@@ -411,8 +417,6 @@ def prune_lottery(
 def save_ticket(ticket: Ticket, directory: PathLike) -> Path:
     """Write ``ticket.safetensors`` (masks and rewound weights) and ``ticket.json`` (history,
     sparsity) into ``directory``, each atomically."""
-    from slimkit.core.io import write_json
-
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {f"mask.{k}": v for k, v in ticket.masks.items()}
