@@ -5,9 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import torch
 from typer.testing import CliRunner
 
+import slimkit as sk
 from slimkit.cli import app
+from slimkit.export.ort import ort_session
+from slimkit.zoo.models import create_model
 
 runner = CliRunner()
 
@@ -35,6 +40,11 @@ def test_separable_command_saves_macs(tmp_path: Path) -> None:
     r = json.loads(res.stdout)
     assert r["macs_saved"] > 0.3 and r["layers"]
     assert (out / "model.onnx").is_file()
+    # the weights reload on the original architecture and match the exported ONNX
+    back = sk.load(out, model=create_model("digits_cnn")).eval()
+    x = torch.randn(2, 1, 8, 8)
+    got = ort_session(out / "model.onnx").run(None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose(got, back(x).detach().numpy(), atol=1e-4)
 
 
 def test_unknown_method_and_untrained_model_are_named(tmp_path: Path) -> None:

@@ -3,14 +3,17 @@ distillation from the original brings the output back toward it."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
 import slimkit as sk
 from slimkit.analyze.profile import profile_model
-from slimkit.errors import ConfigError
-from slimkit.lightweight import Ghost, GhostConv, Separable, separable
+from slimkit.errors import CheckpointError, ConfigError
+from slimkit.lightweight import Ghost, GhostConv, Separable, save_lightweight, separable
+from slimkit.pipeline.artifact import save_model
 from slimkit.testing.numerics import sqnr
 from slimkit.testing.zoo import randomise_bn
 from slimkit.zoo.models import create_model
@@ -85,3 +88,45 @@ def test_distillation_brings_the_output_back_to_the_original() -> None:
 def test_distillation_without_data_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="needs data=.*Fix:"):
         sk.lighten(create_model("cnn_bn"), Ghost(epochs=1))
+
+
+@pytest.mark.parametrize("method", ["separable", "ghost"])
+def test_lightweight_artifact_reloads_through_sk_load(method: str, tmp_path: Path) -> None:
+    """The artifact writer records the blocks (lightweight.json) and sk.load rebuilds them on a
+    fresh original: outputs equal, the original untouched; a wrong architecture is refused."""
+    model = randomise_bn(create_model("small_cnn")).eval()
+    small = sk.lighten(model, method)
+    with torch.no_grad():  # trained-looking weights: not the ones the init would rebuild
+        for p in small.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    written = save_model(small, tmp_path)
+    assert written == ["model.safetensors", "lightweight.json"]
+    fresh = create_model("small_cnn").eval()
+    back = sk.load(tmp_path, model=fresh).eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(back(x), small(x), atol=1e-6, rtol=0)
+    assert not any(isinstance(m, GhostConv) for m in fresh.modules())  # not modified
+    assert sum(p.numel() for p in back.parameters()) < sum(p.numel() for p in model.parameters())
+    again = tmp_path / "again"  # the reloaded model carries the record: it saves again
+    assert save_model(back, again) == ["model.safetensors", "lightweight.json"]
+    with pytest.raises(CheckpointError, match="this model has"):
+        sk.load(tmp_path, model=create_model("mlp"))
+
+
+def test_lightweight_then_pruned_is_refused_at_save(tmp_path: Path) -> None:
+    model = randomise_bn(create_model("small_cnn")).eval()
+    small = sk.lighten(model, "ghost")
+    small.__dict__["_slimkit_pruning"] = {"groups": []}  # what channel pruning leaves
+    with pytest.raises(CheckpointError, match="cannot replay both"):
+        save_lightweight(small, tmp_path)
+
+
+def test_recipe_step_artifact_reloads(tmp_path: Path) -> None:
+    recipe = {"model": "zoo:cnn_bn", "steps": [{"lightweight.ghost": {}}]}
+    res = sk.run(recipe, out=tmp_path / "art")
+    assert (tmp_path / "art" / "lightweight.json").is_file()
+    back = sk.load(tmp_path / "art", model=create_model("cnn_bn"))
+    assert any(isinstance(m, GhostConv) for m in back.modules())
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(back.eval()(x), res.model.eval()(x), atol=0, rtol=0)

@@ -89,6 +89,7 @@ def dynamic_cmd(
         lcls = sk.lightweight.Separable if method == "separable" else sk.lightweight.Ghost
         lcfg = lcls(epochs=epochs, max_steps=max_steps)
         small = sk.lighten(copy.deepcopy(src), lcfg, data=train, progress=show)
+        sk.lightweight.save_lightweight(small, out)  # sk.load(out, model=original) rebuilds it
         export_onnx(small, out / "model.onnx", example_inputs=(x1,))
         lsess = ort_session(out / "model.onnx")
         runners[method] = lambda a: lsess.run(None, {name_in: a})[0]
@@ -128,4 +129,7 @@ def dynamic_cmd(
         fr = ", ".join(f"{b} {f:.0%}" for b, f in zip(info["blocks"], info["run_fractions"],
                                                       strict=True))  # fmt: skip
         console.print(f"blocks run: {fr}")
-    err_console.print(f"[dim]written to {out}/ (ONNX files, metrics.json)[/]")
+    what = "ONNX files, metrics.json"
+    if method in ("separable", "ghost"):
+        what += "; model.safetensors + lightweight.json: sk.load(DIR, model=original)"
+    err_console.print(f"[dim]written to {out}/ ({what})[/]")

@@ -89,6 +89,18 @@ def write_json(path: PathLike, obj: Any) -> None:
         f.write("\n")
 
 
+def read_record(path: PathLike, fmt: int, bad: Exception) -> dict[str, Any]:
+    """The JSON object in ``path`` whose ``format`` is ``fmt`` (an artifact's record file);
+    raises ``bad`` when the file is missing, not JSON, not an object or of another format."""
+    try:
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        raise bad from None
+    if not isinstance(record, dict) or record.get("format") != fmt:
+        raise bad
+    return record
+
+
 def _require_file(path: PathLike, what: str) -> Path:
     p = Path(path)
     if not p.is_file():

@@ -7,7 +7,9 @@ distillation from the original. ``sk.lighten(model, method, ...)`` runs every re
     small = sk.lighten(model, sk.lightweight.Ghost(ratio=2, epochs=2), data=train)
     print(sk.report(small).summary())
 
-See ``blocks`` (the blocks and their initialisation) and ``methods``.
+See ``blocks`` (the blocks and their initialisation), ``methods`` and ``artifact``
+(``save_lightweight`` / ``load_lightweight``: plain files, replayed on the original
+architecture; ``slimkit.load`` reads them).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import nn
 from slimkit.core.config import Config
 from slimkit.core.scope import Scope
 from slimkit.core.verbs import dispatch
+from slimkit.lightweight.artifact import load_lightweight, save_lightweight
 from slimkit.lightweight.blocks import GhostConv, separable
 from slimkit.lightweight.methods import (
     Ghost,
@@ -36,6 +39,8 @@ __all__ = [
     "convert",
     "distill_from",
     "lighten",
+    "load_lightweight",
+    "save_lightweight",
     "separable",
 ]
 

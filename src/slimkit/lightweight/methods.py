@@ -31,6 +31,7 @@ from slimkit.core.registry import METHODS
 from slimkit.core.scope import Scope
 from slimkit.core.train import fit
 from slimkit.errors import ConfigError
+from slimkit.lightweight.artifact import RECORD
 from slimkit.lightweight.blocks import GhostConv, separable
 
 
@@ -103,6 +104,7 @@ def convert(
     """A copy of ``model`` with its eligible convs replaced (no training)."""
     out = copy.deepcopy(model)
     report = LightweightReport(method)
+    replays: list[dict[str, Any]] = []
     chosen = (scope or Scope()).select(out, [nn.Conv2d])
     for name, conv in chosen:
         assert isinstance(conv, nn.Conv2d)
@@ -111,9 +113,11 @@ def convert(
             report.kept.append({"name": name, "reason": reason})
             continue
         block: nn.Module
+        replay: dict[str, Any]  # what lightweight.json records: enough to rebuild the block
         if isinstance(cfg, Separable):
             block, err = separable(conv, cfg.multiplier)
             kind = f"depthwise {conv.kernel_size[0]}x{conv.kernel_size[1]} x{cfg.multiplier} + 1x1"
+            replay = {"block": "separable", "multiplier": cfg.multiplier}
         else:
             block = GhostConv(conv, cfg.ratio)
             w = conv.weight.detach()
@@ -125,11 +129,17 @@ def convert(
             rebuilt = cat[order]
             err = float((rebuilt - w).norm() / w.norm().clamp_min(1e-30))
             kind = f"ghost ratio {cfg.ratio}"
+            replay = {"block": "ghost", "ratio": cfg.ratio}
         _set(out, name, block)
         report.layers.append({
             "name": name, "type": "Conv2d", "shape": list(conv.weight.shape), "block": kind,
             "params": [_params(conv), _params(block)], "rel_error": round(err, 4),
         })  # fmt: skip
+        replays.append({"name": name, "type": "Conv2d", "shape": list(conv.weight.shape),
+                        **replay})  # fmt: skip
+    prior = dict(model.__dict__.get(RECORD) or {})  # an earlier conversion of other layers
+    out.__dict__[RECORD] = {"method": method, "config": cfg.to_dict(),
+                            "layers": [*prior.get("layers", []), *replays]}  # fmt: skip
     return out, report
 
 

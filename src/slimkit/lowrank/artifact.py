@@ -19,7 +19,14 @@ from typing import Any
 
 from torch import nn
 
-from slimkit.core.io import PathLike, load_into, load_weights, save_weights, write_json
+from slimkit.core.io import (
+    PathLike,
+    load_into,
+    load_weights,
+    read_record,
+    save_weights,
+    write_json,
+)
 from slimkit.errors import CheckpointError
 from slimkit.lowrank.methods import RECORD
 from slimkit.lowrank.modules import LAYERS, chain
@@ -62,12 +69,7 @@ def _read(d: Path) -> list[dict[str, Any]]:
         f"{str(path)!r} is not a slimkit low-rank record of format {FORMAT}",
         fix="re-create the artifact (slimkit decompose ... --out DIR, or save_lowrank)",
     )
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        raise bad from None
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise bad
+    record = read_record(path, FORMAT, bad)
     layers = record.get("layers")
     ok = isinstance(layers, list) and all(
         isinstance(r, dict)

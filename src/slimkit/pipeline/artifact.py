@@ -15,6 +15,8 @@ original architecture:
   loads the weights;
 - a low-rank artifact (``lowrank.json`` + ``model.safetensors``) rebuilds the factorised chains,
   then loads the weights;
+- a lightweight-block artifact (``lightweight.json`` + ``model.safetensors``) rebuilds the
+  separable / ghost blocks, then loads the weights;
 - a directory or file with only ``model.safetensors`` loads the weights into ``model`` as they are.
 
 Quantized artifacts deploy as their ``model.onnx`` (run it with ``slimkit.export.ort.OrtModule``);
@@ -50,8 +52,8 @@ if TYPE_CHECKING:
     from slimkit.pipeline.refs import ResolvedModel
     from slimkit.pipeline.runner import RunResult
 
-FILES = ("model.safetensors", "pruning.json", "lowrank.json", "model.onnx", "recipe.yaml",
-         "metrics.json")  # fmt: skip
+FILES = ("model.safetensors", "pruning.json", "lowrank.json", "lightweight.json", "model.onnx",
+         "recipe.yaml", "metrics.json")  # fmt: skip
 
 
 def check_out_dir(out: PathLike) -> Path:
@@ -202,6 +204,13 @@ def save_model(model: nn.Module, directory: Path, *, method: str | None = None) 
         save_weights(model.state_dict(), directory / "model.safetensors",
                      metadata={"method": method})  # fmt: skip
         return ["model.safetensors"]
+    from slimkit.lightweight.artifact import lightweight_record, save_lightweight
+
+    # separable / ghost blocks: lightweight.json (it refuses a model also factorised or pruned:
+    # one record cannot replay both)
+    if lightweight_record(model) is not None:
+        save_lightweight(model, directory)
+        return ["model.safetensors", "lightweight.json"]
     from slimkit.lowrank.artifact import lowrank_record, save_lowrank
 
     if lowrank_record(model) is not None:  # factorised: lowrank.json replays the chains
@@ -274,6 +283,10 @@ def load(directory: PathLike, *, model: nn.Module) -> nn.Module:
         from slimkit.lowrank.artifact import load_lowrank
 
         return load_lowrank(d, model=model)
+    if (d / "lightweight.json").is_file():
+        from slimkit.lightweight.artifact import load_lightweight
+
+        return load_lightweight(d, model=model)
     if (d / "pruning.json").is_file():
         from slimkit.prune.artifact import load_pruned
 
