@@ -22,25 +22,30 @@ def nas_cmd(
         "space's smallest and largest network)",
     ),  # fmt: skip
     trials: int = typer.Option(60, min=1, help="architectures the search evaluates"),
-    strategy: str = typer.Option("nsga2", help="nsga2 | random | rl"),
+    strategy: str = typer.Option("nsga2", help="nsga2 | random | rl | darts"),
     space: Path | None = typer.Option(None, help="search space YAML (default: the shapes one)"),
     supernet_epochs: int = typer.Option(4, min=1, help="supernet training epochs"),
     finetune_epochs: int = typer.Option(2, min=1, help="fine-tuning epochs of the chosen net"),
     max_steps: int | None = typer.Option(None, min=1, help="cap on training steps (quick run)"),
+    darts_epochs: int = typer.Option(1, min=1, help="DARTS: epochs of alpha / weight steps"),
+    latency_weight: float = typer.Option(
+        2.0, min=0.0, help="DARTS: weight of the expected-latency term"
+    ),
     threads: int = typer.Option(1, min=1, help="ORT threads the latency is measured with"),
     seed: int = typer.Option(0, help="random seed"),
     json_out: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
 ) -> None:
-    """Train a weight-sharing supernet over the search space once, search it (NSGA-II or
-    random) for the most accurate network whose latency, predicted by a lookup table measured
-    in ONNX Runtime on this machine, meets the target; extract it as a plain model, fine-tune
-    it, and measure it. OUT receives arch.yaml, model.safetensors, model.onnx, search.json and
-    metrics.json; `slimkit.nas.load(OUT)` rebuilds the model.
+    """Train a weight-sharing supernet over the search space once, search it (NSGA-II,
+    random, REINFORCE, or the differentiable DARTS relaxation with an expected-latency term) for
+    the most accurate network whose latency, predicted by a lookup table measured in ONNX Runtime
+    on this machine, meets the target; extract it as a plain model, fine-tune it, and measure
+    it. OUT receives arch.yaml, model.safetensors, model.onnx, search.json and metrics.json;
+    `slimkit.nas.load(OUT)` rebuilds the model.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from slimkit.core.machine import configure_threads
-    from slimkit.nas import CNNSpace, search_arch
+    from slimkit.nas import CNNSpace, Darts, search_arch
     from slimkit.pipeline.artifact import check_out_dir
 
     configure_threads(2)
@@ -67,7 +72,9 @@ def nas_cmd(
                           strategy=strategy, supernet_epochs=supernet_epochs,
                           finetune_epochs=finetune_epochs, max_steps=max_steps, threads=threads,
                           seed=seed, progress=not json_out, on_stage=on_stage,
-                          on_trial=on_trial)  # fmt: skip
+                          on_trial=on_trial,
+                          darts=Darts(epochs=darts_epochs, latency_weight=latency_weight,
+                                      max_steps=max_steps))  # fmt: skip
     finally:
         bar.stop()
     res.save(out)
@@ -85,7 +92,9 @@ def nas_cmd(
         ["meets the target", m["meets_target"]],
         ["top-1 (test split)", m["top1"]],
         ["parameters", m["params"]],
-        ["trials (feasible)", f"{len(res.search.trials)} ({len(res.search.feasible)})"],
+        ["trials (feasible)", f"{len(res.search.trials)} ({len(res.search.feasible)})"]
+        if strategy != "darts"
+        else ["DARTS argmax (before fitting the target)", res.search.info.get("argmax")],
         ["latency model median error", f"{lm['median_rel_error']:.1%} on {lm['n']} networks"],
     ]
     console.print(table(f"slimkit nas on {task} ({strategy})", ["", ""], rows))

@@ -1,6 +1,7 @@
 """Hardware-aware architecture search: a search space as data, a latency model measured on ONNX
-Runtime (or the roofline of a hardware profile), a weight-sharing supernet and NSGA-II / random
-search, the chosen network extracted as a plain module and fine-tuned::
+Runtime (or the roofline of a hardware profile), a weight-sharing supernet and NSGA-II / random /
+REINFORCE / differentiable (DARTS) search, the chosen network extracted as a plain module and
+fine-tuned::
 
     import slimkit as sk
     res = sk.nas.search_arch("shapes", latency_ms=0.08, trials=60)
@@ -12,6 +13,7 @@ See ``docs/techniques/nas.md``.
 from __future__ import annotations
 
 from slimkit.nas.api import NASResult, calibrated_table, finetune, load, search_arch
+from slimkit.nas.darts import Darts, darts_search
 from slimkit.nas.latency import LatencyTable, Validation, measure_archs, roofline_ms, validate
 from slimkit.nas.model import ArchNet
 from slimkit.nas.search import Candidate, Evaluator, SearchResult, search
@@ -23,6 +25,7 @@ __all__ = [
     "ArchNet",
     "CNNSpace",
     "Candidate",
+    "Darts",
     "EncoderSpace",
     "Evaluator",
     "LatencyTable",
@@ -33,6 +36,7 @@ __all__ = [
     "SuperNet",
     "Validation",
     "calibrated_table",
+    "darts_search",
     "finetune",
     "load",
     "measure_archs",

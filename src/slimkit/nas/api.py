@@ -25,9 +25,10 @@ from torch import nn
 
 from slimkit.core.io import PathLike, load_into, load_weights, save_weights, write_json
 from slimkit.errors import ConfigError
+from slimkit.nas.darts import Darts, darts_search
 from slimkit.nas.latency import LatencyTable, Validation, measure_archs, validate
 from slimkit.nas.model import ArchNet
-from slimkit.nas.search import Candidate, Evaluator, SearchResult, search
+from slimkit.nas.search import STRATEGIES, Candidate, Evaluator, SearchResult, search
 from slimkit.nas.space import Arch, CNNSpace, write_yaml
 from slimkit.nas.supernet import SuperNet, recalibrate_bn, train, train_supernet
 
@@ -70,8 +71,23 @@ def calibrated_table(
     return table, check
 
 
+VAL_IMAGES = 500  # the evaluator's proxy top-1 is measured on the first ones of the val split
+
+
+def held_out(task: Any, batch_size: int = 64, *, skip: int = VAL_IMAGES) -> list[Any]:
+    """``(inputs, targets)`` batches of the task's validation split after its first ``skip``
+    images: data for DARTS' architecture steps that neither the weights nor the evaluator see."""
+    xs, ys = task.val.tensors
+    if len(xs) <= skip:
+        raise ConfigError(
+            f"task {task.name!r} has {len(xs)} validation images, DARTS needs more than {skip}",
+            fix="use a task with a larger validation split, or another strategy",
+        )
+    return list(zip(xs[skip:].split(batch_size), ys[skip:].split(batch_size), strict=True))
+
+
 def task_evaluator(net: SuperNet, task: Any, latency: Callable[[Arch], float], *, seed: int = 0,
-                   calib_batches: int = 6, val_images: int = 500) -> Evaluator:  # fmt: skip
+                   calib_batches: int = 6, val_images: int = VAL_IMAGES) -> Evaluator:  # fmt: skip
     """An :class:`Evaluator` on a zoo task: BatchNorm re-estimated on ``calib_batches`` of 64
     training images, top-1 on the first ``val_images`` of the validation split."""
     loader = task.loader("train", 64, shuffle=True, seed=seed + 1)
@@ -187,21 +203,27 @@ def search_arch(
     progress: bool = True,
     on_stage: Callable[[str], None] | None = None,
     on_trial: Callable[[int, Candidate], None] | None = None,
+    darts: Darts | None = None,
 ) -> NASResult:
     """Find the most accurate architecture of ``space`` whose predicted ORT latency (batch 1,
     ``threads`` threads, this machine) is at most ``latency_ms`` on the zoo ``task``.
 
     Without ``latency_ms`` the target is halfway between the smallest and the largest network.
     Steps: measure and calibrate the latency table (cached per machine), train the supernet
-    (sandwich rule), search (``"nsga2"``, ``"random"`` or ``"rl"``; ``trials`` architectures),
-    extract the best, fine-tune it with distillation from the largest sub-network, evaluate it on
-    the test split and measure it in ORT. ``max_steps`` caps the optimizer steps of the supernet
+    (sandwich rule), search (``"nsga2"``, ``"random"`` or ``"rl"``: ``trials`` architectures;
+    ``"darts"``: the differentiable relaxation warm-started from the supernet, settings in
+    ``darts``, alphas trained on the validation images the evaluator does not use), extract the
+    best, fine-tune it with distillation from the largest sub-network, evaluate it on the test
+    split and measure it in ORT. ``max_steps`` caps the optimizer steps of the supernet
     training and of the fine-tuning (a quick run). The search keeps a ``margin`` below the target (a
     fraction; default: the latency model's median error on its held-out networks), so that the
     chosen network still meets the target when measured.
     """
     from slimkit.zoo.tasks import evaluate, load_task
 
+    if strategy not in (*STRATEGIES, "darts"):
+        raise ConfigError(f"unknown search strategy {strategy!r}",
+                          fix=f"use one of {', '.join((*STRATEGIES, 'darts'))}")  # fmt: skip
     space = space or CNNSpace()
     t = load_task(task)
     check_task(space, t)
@@ -224,11 +246,22 @@ def search_arch(
                    epochs=supernet_epochs, **kw)  # fmt: skip
     ev = task_evaluator(net, t, lambda a: table.predict(space, a), seed=seed)
     calib = ev.calib
-    stage(f"search ({strategy}, {trials} trials)")
     margin = check.median_error if margin is None else margin
-    res = search(space, ev, trials=trials, target_ms=target * (1 - margin), strategy=strategy,
-                 seed=seed,
-                 on_trial=on_trial)  # fmt: skip
+    if strategy == "darts":
+        stage("search (darts)")
+        cfg = darts or Darts()
+        if max_steps is not None and cfg.max_steps is None:
+            cfg = cfg.replace(max_steps=max_steps)
+        loader = t.loader("train", batch_size, shuffle=True, seed=seed + 2)
+        res = darts_search(net, table, train_loader=loader, val=held_out(t, batch_size),
+                           target_ms=target * (1 - margin), evaluate=ev, config=cfg, seed=seed,
+                           progress=progress)  # fmt: skip
+        if on_trial is not None:
+            on_trial(1, res.trials[0])
+    else:
+        stage(f"search ({strategy}, {trials} trials)")
+        res = search(space, ev, trials=trials, target_ms=target * (1 - margin), strategy=strategy,
+                     seed=seed, on_trial=on_trial)  # fmt: skip
     best = res.best
     if best is None:  # pragma: no cover - the smallest network meets any target >= lo
         raise ConfigError("no architecture met the latency target", fix="raise --latency-ms")

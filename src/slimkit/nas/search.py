@@ -92,6 +92,7 @@ class SearchResult:
     strategy: str
     target_ms: float
     trials: list[Candidate] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)  # what a strategy adds (DARTS: alphas)
 
     @property
     def feasible(self) -> list[Candidate]:
@@ -122,6 +123,7 @@ class SearchResult:
             "best": b.to_dict() if b is not None else None,
             "best_so_far": self.best_so_far(),
             "all": [c.to_dict() for c in self.trials],
+            **({"info": self.info} if self.info else {}),
         }
 
 
