@@ -122,9 +122,12 @@ def test_eval_forward_follows_the_thresholds() -> None:
         torch.testing.assert_close(out, want, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("criterion", ["max_softmax", "entropy"])
-def test_ort_runner_matches_pytorch_sample_by_sample(criterion: str, tmp_path: Path) -> None:
-    cfg = EarlyExit(epochs=0, criterion=criterion, at=[0.1, 0.6])
+@pytest.mark.parametrize(("criterion", "grid"), [("max_softmax", 0), ("entropy", 0),
+                                                ("max_softmax", 2)])  # fmt: skip
+def test_ort_runner_matches_pytorch_sample_by_sample(
+    criterion: str, grid: int, tmp_path: Path
+) -> None:
+    cfg = EarlyExit(epochs=0, criterion=criterion, at=[0.1, 0.6], head_grid=grid)
     ee = early_exit(_model(), cfg, data=_data(), progress=False)
     x = _data(1, seed=7)[0][0]
     with torch.no_grad():
@@ -160,3 +163,14 @@ def test_bad_input_is_named() -> None:
         early_exit(_model(), data=[torch.randn(2, 1, 16, 16)])
     with pytest.raises(ExportError, match="no exits.json.*Fix:"):
         OrtEarlyExit.load("/nonexistent")
+
+
+def test_grid_heads_cost_less_on_early_maps_and_keep_the_layout() -> None:
+    """A grid head pools before its 1x1 conv (fewer MACs on a large early map) and its linear
+    reads every cell of the pooled map (a global pool would not)."""
+    cfg = EarlyExit(epochs=0, at=[0.1], head_width=16)
+    full = early_exit(_model(), cfg, data=_data(), progress=False)
+    grid = early_exit(_model(), cfg.replace(head_grid=2), data=_data(), progress=False)
+    assert grid.head_macs[0] < full.head_macs[0]
+    linear = grid.heads[0].body[-1]
+    assert isinstance(linear, torch.nn.Linear) and linear.in_features == 16 * 4

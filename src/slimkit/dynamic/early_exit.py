@@ -39,6 +39,10 @@ class EarlyExit(Config):
     exits: list[str] = []  # modules after which to attach a head (empty: by ``at``)
     at: list[float] = [0.25, 0.5, 0.75]  # else: the cut points nearest these MAC fractions
     head_width: int = Field(64, ge=1)  # a head: 1x1 conv to this width, BN, ReLU, pool, linear
+    # 0: the 1x1 conv runs at the feature's resolution, then a global pool; g > 0: the feature is
+    # average-pooled to about g x g first and the linear reads the whole g x g map (cheaper on
+    # large early maps, and it keeps where things are, which a global pool loses)
+    head_grid: int = Field(0, ge=0)
     criterion: Criterion = "max_softmax"  # confidence: top softmax prob. or 1 - entropy/log(C)
     max_drop: float = Field(0.01, ge=0.0, le=1.0)  # accuracy drop allowed on the calibration data
     # what the drop is measured against: disagreement with the full model (an upper bound of the
@@ -55,12 +59,25 @@ class EarlyExit(Config):
 
 class ExitHead(nn.Module):
     """A small classifier on an intermediate feature map: (B, C, H, W) -> 1x1 conv, BN, ReLU,
-    global pool, linear; (B, C) -> linear."""
+    global pool, linear; with ``grid`` g: average pool to about g x g, 1x1 conv, BN, ReLU,
+    linear on the flattened map; (B, C) -> linear."""
 
-    def __init__(self, shape: tuple[int, ...], num_classes: int, width: int) -> None:
+    def __init__(self, shape: tuple[int, ...], num_classes: int, width: int, grid: int = 0) -> None:
         super().__init__()
-        if len(shape) == 4:
-            self.body: nn.Module = nn.Sequential(
+        self.body: nn.Module
+        if len(shape) == 4 and grid > 0:
+            kh, kw = max(1, shape[2] // grid), max(1, shape[3] // grid)  # a fixed kernel: exports
+            cells = (shape[2] // kh) * (shape[3] // kw)
+            self.body = nn.Sequential(
+                nn.AvgPool2d((kh, kw)),
+                nn.Conv2d(shape[1], width, 1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(),
+                nn.Flatten(),
+                nn.Linear(width * cells, num_classes),
+            )
+        elif len(shape) == 4:
+            self.body = nn.Sequential(
                 nn.Conv2d(shape[1], width, 1, bias=False),
                 nn.BatchNorm2d(width),
                 nn.ReLU(),
@@ -399,7 +416,7 @@ def early_exit(
         )
     classes = num_classes or out.shape[1]
     chain = split(src, x0, names=cfg.exits, at=cfg.at)
-    heads = [ExitHead(c.shape, classes, cfg.head_width) for c in chain.cuts]
+    heads = [ExitHead(c.shape, classes, cfg.head_width, cfg.head_grid) for c in chain.cuts]
     ee = EarlyExitModel(
         list(chain.segments), list(heads), cfg.criterion, [c.module for c in chain.cuts]
     )
