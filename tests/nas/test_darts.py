@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from slimkit.errors import ConfigError
-from slimkit.nas import Arch, CNNSpace, StageSpace, SuperNet
+from slimkit.nas import Arch, CNNSpace, Stage, StageSpace, SuperNet
 from slimkit.nas.darts import (
     Alphas,
     Darts,
@@ -22,6 +22,7 @@ from slimkit.nas.darts import (
     darts_search,
     fit_target,
     mixed_forward,
+    stage_ops,
 )
 from slimkit.nas.latency import LatencyTable, _key_str, space_keys
 from slimkit.nas.search import Candidate
@@ -156,20 +157,60 @@ def test_the_latency_term_moves_the_alphas_to_the_cheaper_choices():
     assert min(p[0] for p in free.info["probs"].values()) < 0.6
 
 
+def more_probable_neighbours(space: CNNSpace, alphas: Alphas, arch: Arch) -> list[Arch]:
+    """The architectures one width or one used op away from ``arch`` with a more probable
+    choice under ``alphas``."""
+    logp, out = alphas.choices(), []
+    for s, (st, a) in enumerate(zip(space.stages, arch.stages, strict=True)):
+        ops = stage_ops(space, s)
+        current = {("width", s): st.widths.index(a.width)}
+        current.update({("op", s, j): ops.index(o)
+                        for j, o in enumerate(zip(a.kernels, a.expands, strict=True))})  # fmt: skip
+        for key, cur in current.items():
+            for i in range(len(logp[key])):
+                if logp[key][i] > logp[key][cur]:
+                    stages = list(arch.stages)
+                    if key[0] == "width":
+                        stages[s] = Stage(st.widths[i], a.kernels, a.expands)
+                    else:
+                        k, e = list(a.kernels), list(a.expands)
+                        k[key[2]], e[key[2]] = ops[i]
+                        stages[s] = Stage(a.width, tuple(k), tuple(e))
+                    out.append(Arch(tuple(stages)))
+    return out
+
+
 def test_fit_target_steps_the_argmax_down_under_the_target():
     space = tiny_space()
     table = macs_table(space)
-    alphas = Alphas(space)
+
+    def predict(a: Arch) -> float:
+        return table.predict(space, a)
+
+    lo, hi = predict(space.smallest()), predict(space.largest())
+    alphas = random_alphas(space, seed=2)
     with torch.no_grad():  # the argmax is the largest network
         for p in alphas.parameters():
-            p[-1] = 1.0
+            p.add_(torch.arange(len(p)) * 3.0)
     assert alphas.derive() == space.largest()
-    lo, hi = (table.predict(space, a) for a in (space.smallest(), space.largest()))
     target = lo + 0.4 * (hi - lo)
-    arch = fit_target(space, alphas, lambda a: table.predict(space, a), target)
-    assert table.predict(space, arch) <= target < hi
-    # it stopped as soon as it fitted: it is not the smallest network
-    assert table.predict(space, arch) > lo
+    arch = fit_target(space, alphas, predict, target)
+    assert predict(arch) <= target < hi and predict(arch) > lo  # not simply the smallest
+    # stage 0's ops are barely preferred and cheap to give up, stage 1's second block is not: the
+    # step down changes stage 0's ops first, then drops the block, which frees enough budget to
+    # take the preferred op back (without the step back up: 'k33 e22', 0.158 ms of 0.205)
+    with torch.no_grad():
+        for s in range(2):
+            alphas.width[s].copy_(torch.tensor([0.0, 3.0]))
+            alphas.depth[s].copy_(torch.tensor([0.0, 3.0 if s == 0 else 0.5]))
+            for p in alphas.op[s]:
+                p.copy_(torch.tensor([0.0, 0.0, 0.0, 0.02 if s == 0 else 3.0]))
+    target = lo + 0.6 * (hi - lo)
+    arch = fit_target(space, alphas, predict, target)
+    assert predict(arch) <= target and arch.stages[1].depth == 1
+    assert arch.stages[0].expands != (2, 2)
+    # no change of one width or used op is both more probable and under the target
+    assert all(predict(a) > target for a in more_probable_neighbours(space, alphas, arch))
 
 
 def test_derived_arch_round_trips_extracts_and_runs_in_ort(tmp_path):

@@ -282,29 +282,35 @@ class ExpectedLatency:
 def fit_target(space: CNNSpace, alphas: Alphas, predict: Callable[[Arch], float],
                target_ms: float) -> Arch:  # fmt: skip
     """The argmax architecture, stepped down choice by choice (the smallest loss of
-    log-probability per ms saved) until ``predict`` puts it at or under ``target_ms``."""
+    log-probability per ms saved) until ``predict`` puts it at or under ``target_ms``; then
+    stepped back up while a change of one choice raises its log-probability and stays under the
+    target (the largest gain first), so the budget that a large step freed is used again."""
     logp = alphas.choices()
     pick = {k: int(v.argmax()) for k, v in logp.items()}
     arch = arch_of(space, pick)
     ms = predict(arch)
-    while ms > target_ms:
-        best: tuple[float, dict[tuple[Any, ...], int], Arch, float] | None = None
+
+    def moves() -> Iterator[tuple[float, dict[tuple[Any, ...], int], Arch, float]]:
+        """(log-probability gained, choices, architecture, ms) of every one-choice change."""
         for key, lp in logp.items():
             if key[0] == "op" and key[2] >= arch.stages[key[1]].depth:
                 continue  # a position the architecture does not use
             for i in range(len(lp)):
-                if i == pick[key]:
-                    continue
-                trial = {**pick, key: i}
-                a = arch_of(space, trial)
-                m = predict(a)
-                if m < ms:
-                    score = float(lp[pick[key]] - lp[i]) / (ms - m)
-                    if best is None or score < best[0]:
-                        best = (score, trial, a, m)
-        if best is None:  # nothing is cheaper: the smallest network is over the target
+                if i != pick[key]:
+                    trial = {**pick, key: i}
+                    a = arch_of(space, trial)
+                    yield float(lp[i] - lp[pick[key]]), trial, a, predict(a)
+
+    while ms > target_ms:
+        cheaper = [(-gain / (ms - m), t, a, m) for gain, t, a, m in moves() if m < ms]
+        if not cheaper:  # the smallest network is over the target
             break
-        _, pick, arch, ms = best
+        _, pick, arch, ms = min(cheaper, key=lambda c: c[0])
+    while ms <= target_ms:
+        better = [c for c in moves() if c[0] > 0 and c[3] <= target_ms]
+        if not better:
+            break
+        _, pick, arch, ms = max(better, key=lambda c: c[0])
     return arch
 
 
