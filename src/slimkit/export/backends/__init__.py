@@ -22,11 +22,11 @@ from slimkit.export.backends.base import (
     require,
 )
 from slimkit.export.backends.executorch import ExecuTorchBackend
+from slimkit.export.backends.litert import LiteRtBackend
 from slimkit.export.backends.measure import BackendResult, DeployReport, check_backend_name, deploy
 from slimkit.export.backends.mnn import MnnBackend
 from slimkit.export.backends.openvino import OpenVinoBackend
 from slimkit.export.backends.ort import OrtBackend
-from slimkit.export.backends.planned import LiteRtBackend
 from slimkit.export.backends.tensorrt import TensorRtBackend
 from slimkit.export.backends.tvm import TvmBackend
 

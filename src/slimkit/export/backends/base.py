@@ -73,6 +73,9 @@ class Backend:
     suffix: ClassVar[str] = ".onnx"  # the main file written into the deploy artifact
     fixed_batch: ClassVar[bool] = False  # compiled for the example batch only
     consumes: ClassVar[str] = "onnx"  # or "torch": export_torch gets the PyTorch model
+    # the runtime's own int8 quantizer (a description for the report), run on the float model
+    # with the calibration batches when ``deploy`` quantizes; None: it runs slimkit's QDQ graph
+    native_int8: ClassVar[str | None] = None
 
     @property
     def install(self) -> str:
@@ -95,6 +98,23 @@ class Backend:
     def export_torch(self, model: Any, inputs: tuple[Any, ...], workdir: Path) -> list[Path]:
         """For a backend that consumes the PyTorch model (``consumes = "torch"``)."""
         raise NotImplementedError
+
+    def export_int8(
+        self, onnx_path: Path, inputs: Arrays, calib: list[Arrays], workdir: Path
+    ) -> list[Path]:
+        """The runtime's own int8 model from the float ``onnx_path``, calibrated on ``calib``
+        (batches of inputs at the example's batch size); for a ``native_int8`` backend."""
+        raise NotImplementedError
+
+    def export_torch_int8(
+        self, model: Any, inputs: tuple[Any, ...], calib: list[tuple[Any, ...]], workdir: Path
+    ) -> list[Path]:
+        """``export_int8`` for a backend that consumes the float PyTorch model."""
+        raise NotImplementedError
+
+    def int8_detail(self, files: list[Path]) -> str | None:
+        """What the native int8 export did, when it chose (e.g. LiteRT's float fallback)."""
+        return None
 
     def load(self, files: list[Path], inputs: Arrays, settings: dict[str, Any]) -> Runner:
         """Load the exported files with ``settings``."""
@@ -145,18 +165,22 @@ def failing_op(text: str, ops: Sequence[str]) -> str | None:
 
 
 @contextlib.contextmanager
-def quiet_stdout() -> Iterator[None]:
+def quiet_stdout(*fds: int) -> Iterator[None]:
     """Silence what a runtime's C++ code prints on file descriptor 1 (``--json`` output stays
-    clean)."""
+    clean), or on ``fds`` (2 too: LiteRT announces its XNNPACK delegate on stderr)."""
+    fds = fds or (1,)
     sys.stdout.flush()
-    saved = os.dup(1)
+    sys.stderr.flush()
+    saved = [os.dup(fd) for fd in fds]
     try:
         with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 1)
+            for fd in fds:
+                os.dup2(null.fileno(), fd)
             yield
     finally:
-        os.dup2(saved, 1)
-        os.close(saved)
+        for fd, s in zip(fds, saved, strict=True):
+            os.dup2(s, fd)
+            os.close(s)
 
 
 def failure(

@@ -29,6 +29,7 @@ from torch import nn
 
 from slimkit.errors import ConfigError
 from slimkit.export.backends.base import (
+    Arrays,
     Backend,
     BackendFailed,
     BackendUnavailable,
@@ -41,6 +42,10 @@ from slimkit.export.backends.base import (
 # compression error; an integer runtime rounds .5 ties differently (the bound of export.qdq)
 MIN_SQNR_FP32 = 40.0
 MIN_SQNR_INT8 = 25.0
+# a runtime's own int8 quantizer (LiteRT, MNN, ExecuTorch's XNNPACK) is another quantization than
+# slimkit's, so it is checked against the float model: at least MIN_SQNR_INT8, or, where slimkit's
+# own int8 simulation is further from the float model, no more than this below it
+NATIVE_MARGIN_DB = 3.0
 
 
 @dataclass
@@ -63,6 +68,7 @@ class BackendResult:
     quartile_ms: float | None = None
     sqnr_db: float | None = None  # against slimkit's PyTorch model (its simulation when int8)
     sqnr_float_db: float | None = None  # against the float model, when deployed as int8
+    quantizer: str | None = None  # the runtime's own int8 quantizer (None: slimkit's QDQ graph)
     size_mb: float | None = None
     files: list[str] = field(default_factory=list)
     roofline_ms: float | None = None
@@ -99,6 +105,8 @@ class DeployReport:
     roofline: dict[str, Any] | None = None
     load_avg: list[float] | None = None
     notes: list[str] = field(default_factory=list)
+    # the bound of a runtime's own int8 quantizer, against the float model (NATIVE_MARGIN_DB)
+    native_min_sqnr_db: float | None = None
     # the loaded runtimes that passed parity (not saved): re-measure them with runner.bind(x)
     runners: dict[str, Runner] = field(default_factory=dict, repr=False)
 
@@ -150,6 +158,29 @@ def _quantize(model: nn.Module, data: Any, inputs: tuple[torch.Tensor, ...]) -> 
 
     return quantize(model, PTQ(speed_check=False, float_prefix=False),
                     data=data if data is not None else [inputs])  # fmt: skip
+
+
+def _calibration(data: Any, args: tuple[torch.Tensor, ...]) -> list[tuple[torch.Tensor, ...]]:
+    """The calibration batches (``data``, else the example inputs) re-cut to the example's batch
+    size: a runtime's own quantizer runs the model at the shapes it was converted with."""
+    from slimkit.core.data import collect_batches
+
+    batches = collect_batches(data if data is not None else [args], what="calibration data",
+                              limit=32)  # fmt: skip
+    ins = [b.inputs for b in batches]
+    n = int(args[0].shape[0]) if args[0].dim() else 0
+    same = all(
+        len(b) == len(args)
+        and all(
+            t.dim() == a.dim() and t.shape[1:] == a.shape[1:] for t, a in zip(b, args, strict=True)
+        )
+        for b in ins
+    )
+    if not n or not same:
+        return ins
+    cols = [torch.cat([b[k] for b in ins]) for k in range(len(args))]
+    cut = [c.split(n) for c in cols]
+    return [tuple(c[i] for c in cut) for i in range(len(cut[0])) if cut[0][i].shape[0] == n]
 
 
 def _roofline_ms(model: nn.Module, inputs: tuple[torch.Tensor, ...], dtype: str, hw: Any,
@@ -267,11 +298,20 @@ def deploy(
     with torch.no_grad():
         ref = _flat_outputs(model(*args))
         ref_float = _flat_outputs(float_model(*args)) if float_model is not None else None
+    calib: list[tuple[torch.Tensor, ...]] = []
+    if float_model is not None and any(be.native_int8 for be in backends):
+        calib = _calibration(data, args)
     inputs = [a.detach().cpu().numpy() for a in args]
     batch = int(args[0].shape[0]) if args[0].dim() else 1
     asked = backend if isinstance(backend, str) else ",".join(names)
     rep = DeployReport(name or type(model).__name__, fmt, batch, asked, min_db, None, [])
     rep.load_avg = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    if ref_float is not None:
+        rep.native_min_sqnr_db = (
+            min_sqnr_db
+            if min_sqnr_db is not None
+            else min(MIN_SQNR_INT8, _sqnr(ref_float, ref) - NATIVE_MARGIN_DB)
+        )
     bound = None
     if hw is not None:
         try:
@@ -285,6 +325,7 @@ def deploy(
         export_onnx(model, onnx_path, example_inputs=args)
         runners = rep.runners
         files: dict[str, list[Path]] = {}
+        float_onnx = work / "float.onnx"
         for be in backends:
             res = BackendResult(be.name, be.package, "missing", version=be.version())
             rep.results.append(res)
@@ -298,23 +339,42 @@ def deploy(
             import time
 
             t0 = time.perf_counter()
+            # the runtime's own int8 quantizer, on the float model, checked against it
+            fm = float_model if be.native_int8 and ref_float is not None else None
+            native = fm is not None
+            src, be_ref, be_db = onnx_path, ref, min_db
+            if fm is not None and ref_float is not None:
+                src, be_ref = float_onnx, ref_float
+                be_db = rep.native_min_sqnr_db if rep.native_min_sqnr_db is not None else min_db
+                res.quantizer = be.native_int8
             try:
                 try:
-                    if be.consumes == "torch":
+                    if fm is not None and not float_onnx.is_file() and be.consumes != "torch":
+                        export_onnx(fm, float_onnx, example_inputs=args)
+                    if fm is not None and be.consumes == "torch":
+                        fs = be.export_torch_int8(fm, args, calib, bdir)
+                    elif fm is not None:
+                        np_calib: list[Arrays] = [[t.detach().cpu().numpy() for t in b]
+                                                  for b in calib]  # fmt: skip
+                        fs = be.export_int8(float_onnx, inputs, np_calib, bdir)
+                    elif be.consumes == "torch":
                         fs = be.export_torch(model, args, bdir)
                     else:
                         fs = be.export(onnx_path, inputs, bdir)
                 except BackendFailed:
                     raise
                 except Exception as e:  # noqa: BLE001 - any runtime error is reported by name
-                    raise failure(be, "convert", e, onnx_path) from None
+                    raise failure(be, "convert", e, src) from None
                 try:
-                    runner, settings, db, tried = _tune(be, fs, inputs, ref, threads, min_db,
+                    runner, settings, db, tried = _tune(be, fs, inputs, be_ref, threads, be_db,
                                                         max(10, runs // 3), tune)  # fmt: skip
                 except Exception as e:  # noqa: BLE001
-                    raise failure(be, "run", e, onnx_path) from None
+                    raise failure(be, "run", e, src) from None
                 if all("error" in t for t in tried):
-                    raise failure(be, "run", tried[0]["error"], onnx_path)
+                    raise failure(be, "run", tried[0]["error"], src)
+                detail = be.int8_detail(fs) if native else None
+                if detail:
+                    res.quantizer = f"{be.native_int8}: {detail}"
             except BackendFailed as e:
                 res.status, res.reason, res.op = "failed", str(e), e.op
                 continue
@@ -325,7 +385,8 @@ def deploy(
             if runner is None:
                 res.status = "parity"
                 res.sqnr_db = db
-                res.reason = (f"output differs from PyTorch: SQNR {db:.1f} dB < {min_db:g} dB"
+                res.reason = (f"output differs from PyTorch: SQNR {db:.1f} dB < {be_db:g} dB"
+                              + (" (its own int8 against the float model)" if native else "")
                               if db is not None and db > -999 else
                               "output differs from PyTorch in shape or is not finite")  # fmt: skip
                 continue

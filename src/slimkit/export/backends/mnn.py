@@ -6,6 +6,12 @@ The converter runs in a child process: on a graph it cannot convert it may abort
 ``mnnconvert`` script, whose usage logging tries to ``pip install`` a package at run time.
 Tuned settings: threads and precision (``high``: fp32; ``low``: reduced precision where the CPU
 has it, kept only when parity holds).
+
+int8 (``native_int8``): MNN's converter on the float ONNX with ``--weightQuantBits 8`` (int8
+weights, per output channel). MNN's full int8 path (its offline quantization tool) reads
+calibration *image files*, not tensors, and its converter aborts on slimkit's QDQ graph, so the
+activations stay float, and the runtime's ``memory=low`` setting (tried in the tuning) lets its CPU
+kernels compute with the int8 weights directly (dynamic activation quantization).
 """
 
 from __future__ import annotations
@@ -37,18 +43,27 @@ class MnnBackend(Backend):
     module = "MNN"
     suffix = ".mnn"
     fixed_batch = False
+    native_int8 = "MNN weight quantization (int8 weights, per channel; float activations)"
 
     def settings(self, threads: int) -> list[dict[str, Any]]:
         base = {"threads": threads, "precision": "high"}
-        grid = [base, {**base, "precision": "low"}]
+        grid = [base, {**base, "precision": "low"}, {**base, "precision": "low", "memory": "low"}]
         if threads > 1:
             grid.append({**base, "threads": 1})
         return grid
 
     def export(self, onnx_path: Path, inputs: Arrays, workdir: Path) -> list[Path]:
+        return self._convert(onnx_path, workdir, [])
+
+    def export_int8(
+        self, onnx_path: Path, inputs: Arrays, calib: list[Arrays], workdir: Path
+    ) -> list[Path]:
+        return self._convert(onnx_path, workdir, ["--weightQuantBits", "8"])
+
+    def _convert(self, onnx_path: Path, workdir: Path, extra: list[str]) -> list[Path]:
         dest = workdir / "model.mnn"
         argv = ["mnnconvert", "-f", "ONNX", "--modelFile", str(onnx_path), "--MNNModel", str(dest),
-                "--bizCode", "slimkit"]  # fmt: skip
+                "--bizCode", "slimkit", *extra]  # fmt: skip
         proc = subprocess.run([sys.executable, "-c", _CONVERT, *argv[1:]], capture_output=True,
                               text=True, timeout=600, cwd=workdir)  # fmt: skip
         log = (proc.stdout + proc.stderr).strip()
@@ -64,6 +79,7 @@ class MnnBackend(Backend):
 
         ins, outs = (ln.split(",") for ln in (files[0].parent / "io.txt").read_text().splitlines())
         config = {"backend": "CPU", "precision": str(settings.get("precision", "high")),
+                  "memory": str(settings.get("memory", "normal")),
                   "numThread": int(settings.get("threads", 2))}  # fmt: skip
         with quiet_stdout():  # MNN prints its precision on stdout
             rt = mnn_nn.create_runtime_manager((config,))
