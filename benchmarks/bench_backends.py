@@ -1,15 +1,27 @@
-"""Deployment backends side by side: ONNX Runtime, OpenVINO, TVM, MNN (every one installed), fp32
-and slimkit's int8 (QDQ), on ResNet-18, MobileNetV2 and the BERT-style encoder.
+"""Deployment backends side by side: ONNX Runtime, OpenVINO, TVM, MNN, LiteRT, ExecuTorch (every
+one installed), fp32 and int8, on ResNet-18, MobileNetV2 and the BERT-style encoder.
+
+int8 is slimkit's PTQ (its QDQ graph) on ORT, OpenVINO and TVM, and the runtime's own quantizer on
+the float model, calibrated on the same batches, where it has one: LiteRT's full-integer converter,
+ExecuTorch's XNNPACK PT2E quantizer, MNN's int8 weight quantization (method ``int8 native``; their
+parity is checked against the float model, see ``deploy``).
 
 Each row is one backend on one model and format, with its settings tuned by measurement
 (``slimkit.export.backends.deploy``): latency at batch 1 (median of interleaved round medians),
 the runtime's file size, SQNR against the float PyTorch model, parity against slimkit's PyTorch
-model (its int8 simulation for int8), and the roofline bound of slimkit.analyze. Then the backend
-``auto`` chose is re-measured against all the others in fresh interleaved rounds: the ``slimkit``
-row ``auto -> NAME`` must be within 15 % of the fastest.
+model (its int8 simulation for QDQ int8; the float model for a native int8), and the roofline
+bound of slimkit.analyze. Then the backend ``auto`` chose is re-measured against all the others
+in fresh interleaved rounds: the ``slimkit`` row ``auto -> NAME`` must be within 15 % of the
+fastest.
 
-    python benchmarks/bench_backends.py            # reference models (224x224, seq 128)
-    python benchmarks/bench_backends.py --quick    # the 32x32 CIFAR-style CNNs, fewer runs
+    python benchmarks/bench_backends.py            # trained shapes ResNet-18 / MobileNetV2, encoder
+    python benchmarks/bench_backends.py --quick    # shapes_resnet18 only, fewer runs
+    python benchmarks/bench_backends.py --models resnet18 mobilenetv2   # the 224x224 references
+    python benchmarks/bench_backends.py --backends ort litert           # some runtimes only
+
+results/backends.json is the first command with every runtime installed (the backends extra,
+executorch, and litert: ``pip install 'slimkit[litert]' && pip install --no-deps tf-keras``);
+755 s at load 4.5-5 on 2 shared cores.
 """
 
 from __future__ import annotations
@@ -28,8 +40,6 @@ import torch  # noqa: E402
 from _common import parser, print_table, start, write_result  # noqa: E402
 from slimkit.analyze.latency import measure_latency  # noqa: E402
 from slimkit.export.backends import BACKENDS, available_backends, deploy  # noqa: E402
-from slimkit.quant.ptq import PTQ  # noqa: E402
-from slimkit.quant.verb import quantize  # noqa: E402
 from slimkit.zoo import PRETRAINED, create_model, example_inputs, load_task, pretrained  # noqa: E402
 
 # the trained zoo CNNs (32x32 shapes, calibrated on their task) and the BERT-style encoder
@@ -50,13 +60,6 @@ def load(name: str, batches: int) -> tuple[torch.nn.Module, torch.Tensor, list[t
     return create_model(name).eval(), example_inputs(name, batch=1)[0], calib
 
 
-def _int8(model: torch.nn.Module, calib: list[torch.Tensor]) -> torch.nn.Module:
-    """slimkit's int8 PTQ, int8 everywhere (each runtime is timed on it: ORT's speed check is
-    off)."""
-    cfg = PTQ(speed_check=False, float_prefix=False, num_batches=len(calib))
-    return quantize(model, cfg, data=calib)
-
-
 def _say(prefix: str) -> Any:
     return lambda msg: print(f"  {prefix}: {msg}", flush=True)
 
@@ -75,13 +78,18 @@ def rows_for(name: str, fmt: str, rep: Any, params: int, tool_s: float) -> list[
         if r.status == "missing" and BACKENDS[r.backend]().missing() and r.backend in (
             "litert", "executorch", "tensorrt"):  # fmt: skip
             continue  # not convertible here: listed once in the result file, not per model
+        kind = f"{fmt} native" if r.quantizer else fmt
         row: dict[str, Any] = {
-            "model": name, "tool": r.package, "method": f"{fmt} on {r.backend}",
+            "model": name, "tool": r.package, "method": f"{kind} on {r.backend}",
             "batch": rep.batch, "status": r.status, "params": params,
         }  # fmt: skip
+        if fmt == "int8":
+            row["quantizer"] = r.quantizer or "slimkit PTQ, QDQ graph"
+            row["parity_against"] = "float model" if r.quantizer else "slimkit int8 simulation"
+            row["parity_min_db"] = _db(rep.native_min_sqnr_db if r.quantizer else rep.min_sqnr_db)
         if r.status == "ok":
             row.update({
-                "method": f"{fmt} on {r.backend} ({_settings(r.settings)})",
+                "method": f"{kind} on {r.backend} ({_settings(r.settings)})",
                 "latency_ms": round(r.latency_ms, 4),
                 "latency_spread_ms": [round(v, 4) for v in r.spread_ms or []],
                 "quartile_ms": None if r.quartile_ms is None else round(r.quartile_ms, 4),
@@ -127,35 +135,32 @@ def main() -> None:
     p = parser("backends", __doc__)
     p.add_argument("--models", nargs="*", default=None, help="zoo models (default: by mode)")
     p.add_argument("--tvm-trials", type=int, default=0, help="TVM MetaSchedule trials (0: none)")
+    p.add_argument("--backends", nargs="*", default=None,
+                   help="backends to compare (default: auto, every one installed)")  # fmt: skip
     args = p.parse_args()
     t0 = start(2)
     torch.manual_seed(0)
     models = args.models or (QUICK if args.quick else FULL)
     runs = 20 if args.quick else 50
     rows: list[dict[str, Any]] = []
+    backends = args.backends or "auto"
     for name in models:
         model, x, calib = load(name, 4 if args.quick else 8)
         params = sum(q.numel() for q in model.parameters())
-        tq = time.perf_counter()
-        q = _int8(model, calib)
-        quant_s = time.perf_counter() - tq
-        for fmt, m in (("fp32", model), ("int8", q)):
+        for fmt in ("fp32", "int8"):
             ts = time.perf_counter()
-            rep = deploy(m, (x,), backend="auto", runs=runs, rounds=3, max_seconds=60.0,
+            # int8: slimkit's PTQ (int8 everywhere, ORT's speed check off) on the same calibration
+            # batches the runtimes' own quantizers get; SQNR against the float model for all
+            rep = deploy(model, (x,), backend=backends, runs=runs, rounds=3, max_seconds=60.0,
                          name=name, options={"tvm": {"tune_trials": args.tvm_trials}},
+                         int8=fmt == "int8", data=calib if fmt == "int8" else None,
                          progress=_say(f"{name} {fmt}"))  # fmt: skip
-            if fmt == "int8":  # SQNR against the float model, not only the simulation
-                with torch.no_grad():
-                    ref = model(x).numpy()
-                from slimkit.testing.numerics import sqnr
-
-                for be, runner in rep.runners.items():
-                    rep.result(be).sqnr_float_db = sqnr([ref], runner.run([x.numpy()]))
             rows += rows_for(name, fmt, rep, params, time.perf_counter() - ts)
+            if rep.notes:
+                print(f"  {name} {fmt}: {'; '.join(rep.notes)}", flush=True)
             if rep.chosen is not None:
                 auto = remeasure(name, fmt, rep, x, runs)
-                spent = time.perf_counter() - ts + (quant_s if fmt == "int8" else 0.0)
-                auto["tool_s"] = round(spent, 1)
+                auto["tool_s"] = round(time.perf_counter() - ts, 1)
                 rows.append(auto)
                 fastest = auto["fastest_on_remeasure"]
                 print(f"{name} {fmt}: auto -> {rep.chosen}, x{auto['x_fastest']} of the "
@@ -164,7 +169,10 @@ def main() -> None:
     settings = {
         "threads": "tuned per backend among 1 and the cores", "rounds": 3, "runs": runs,
         "batch": 1, "parity_db": {"fp32": 40, "int8": 25}, "tvm_trials": args.tvm_trials,
-        "int8": "slimkit PTQ (mse calibration, bias correction) on random inputs, QDQ ONNX",
+        "int8": "slimkit PTQ (mse calibration, bias correction), QDQ ONNX, on the trained models' "
+        "task calibration batches (random inputs for the encoder); native int8 (LiteRT, "
+        "ExecuTorch, MNN) on the same batches, parity against the float model at "
+        "min(25 dB, slimkit int8's SQNR vs float - 3 dB)",
         "load_avg_end": list(os.getloadavg()),
     }  # fmt: skip
     path = write_result("backends", args, rows, settings, t0,
