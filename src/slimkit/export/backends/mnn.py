@@ -8,10 +8,12 @@ Tuned settings: threads and precision (``high``: fp32; ``low``: reduced precisio
 has it, kept only when parity holds).
 
 int8 (``native_int8``): MNN's converter on the float ONNX with ``--weightQuantBits 8`` (int8
-weights, per output channel). MNN's full int8 path (its offline quantization tool) reads
-calibration *image files*, not tensors, and its converter aborts on slimkit's QDQ graph, so the
-activations stay float, and the runtime's ``memory=low`` setting (tried in the tuning) lets its CPU
-kernels compute with the int8 weights directly (dynamic activation quantization).
+weights, per output channel). MNN's full int8 path is closed here: its converter aborts on
+slimkit's QDQ graph, and its offline quantization tool (``mnnquant``, 3.6.1) aborted with
+``std::length_error`` when given tensor samples (``input_type: sequence``, one folder per sample
+with ``input.json`` and the tensor as text) on the zoo's residual model; it otherwise calibrates
+on image files. So the activations stay float; the ``memory=low`` setting (tried in the tuning)
+lets MNN's CPU kernels compute with the int8 weights directly.
 """
 
 from __future__ import annotations
