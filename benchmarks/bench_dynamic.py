@@ -5,13 +5,16 @@ Rows per model (default: ``shapes_resnet18`` with early exit and skip gates, ``s
 early exit and both lightweight conversions; ``--models`` / ``--methods`` choose):
 
 - ``float``: the trained model exported to ONNX, the reference.
-- ``early exit ...``: exit heads (width 32) at the cut points nearest 50 / 63 / 75 / 87 % of
-  the MACs (``shapes_cnn``: 50 / 75 %). On the ResNet the backbone is fine-tuned with them, every
-  exit and the final head distilled from the original (``--ee-frozen``: heads only); on
-  ``shapes_cnn`` the backbone is frozen (heads distilled from its final head, features cached
-  once). Max-softmax thresholds calibrated on the val split so that at most ``d`` of it is
-  predicted differently from the full model, one row per ``d`` in ``--calib-drops`` (the same
-  trained model and ONNX pieces); run by ``OrtEarlyExit`` (one ONNX graph per segment).
+- ``early exit ...``: exit heads at the cut points nearest 50 / 63 / 75 % of the MACs, width
+  64 (``shapes_cnn``: 50 / 75 %, width 32; ``--ee-at``, ``--ee-width``, ``--ee-grid``). On the
+  ResNet the backbone is fine-tuned with them for ``--ee-epochs`` (6), every exit and the final
+  head distilled from the original (``--ee-frozen``: heads only), and the fine-tuned network
+  without its exits gets a row of its own (``early-exit backbone alone``: what fine-tuning alone
+  did; ``top1_drop_vs_backbone`` is what the exits cost against it); on ``shapes_cnn`` the
+  backbone is frozen (heads distilled from its final head, features cached once).
+  Max-softmax thresholds calibrated on the val split so that at most ``d`` of it is predicted
+  differently from the full model, one row per ``d`` in ``--calib-drops`` (the same trained
+  model and ONNX pieces); run by ``OrtEarlyExit`` (one ONNX graph per segment).
   ``macs_saved``: the average over the test split (analyze's MAC counting, the heads on the way
   included); latency: the average per test image, gating included.
 - ``lightweight separable`` / ``lightweight ghost``: the 3x3 convs (not the RGB stem) converted
@@ -29,6 +32,9 @@ JSON).
 
     python benchmarks/bench_dynamic.py --quick   # shapes_cnn, a few steps, 200 test images
     python benchmarks/bench_dynamic.py           # both models (results/dynamic.json: 612 s)
+    python benchmarks/bench_dynamic.py --models shapes_resnet18 --methods early-exit \
+        --calib-drops 0.01 0.02 0.03 0.05 \
+        --json benchmarks/results/dynamic_early_exit.json                      # 1070 s
     python benchmarks/bench_dynamic.py --models shapes_cnn --methods ghost separable \
         --lw-epochs 10 --json benchmarks/results/dynamic_lightweight.json   # 284 s
 """
@@ -48,6 +54,7 @@ from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -103,10 +110,13 @@ def _early_exit(model: Any, args: Any, task: Any, x1: torch.Tensor, tmp: Path) -
     """One early-exit model, trained once, at each calibration budget of ``--calib-drops``
     (same ONNX pieces, other thresholds): one row each."""
     q = args.quick
-    at = [0.5, 0.63, 0.75, 0.87] if "resnet" in args.current else [0.5, 0.75]
-    ft = args.ee_finetune and "resnet" in args.current
+    resnet = "resnet" in args.current
+    at = args.ee_at or ([0.5, 0.63, 0.75] if resnet else [0.5, 0.75])
+    ft = args.ee_finetune and resnet
+    width = args.ee_width or (64 if resnet else 32)
     cfg = EarlyExit(max_drop=args.calib_drops[0], epochs=1 if q else args.ee_epochs, at=at,
-                    head_width=32, lr=args.ee_lr, finetune=ft)  # fmt: skip
+                    head_width=width, head_grid=args.ee_grid, lr=args.ee_lr,
+                    finetune=ft)  # fmt: skip
     t0 = time.perf_counter()
     n = 512 if q else args.ee_subset or len(task.train)
     train = _subset(task, "train", n, 64, seed=1)
@@ -115,6 +125,11 @@ def _early_exit(model: Any, args: Any, task: Any, x1: torch.Tensor, tmp: Path) -
     tool_s = time.perf_counter() - t0
     first = export_early_exit(ee, tmp / "ee", example_inputs=x1, threads=THREADS)
     out = []
+    if ft:  # the fine-tuned network without its exits: what fine-tuning alone did to top-1
+        label = "early-exit backbone alone (fine-tuned, no exits)"
+        row = {"method": label, "macs": ee.full_macs, "train_images": n,
+               "tool_s": round(tool_s, 1)}  # fmt: skip
+        out.append((label, _static(nn.Sequential(*ee.segments), tmp, "backbone", x1), row))
     for drop in args.calib_drops:
         calibrate(ee, val, drop)
         ev = ee.evaluate(task.loader("test", 256))
@@ -200,11 +215,14 @@ def bench_model(name: str, methods: tuple[str, ...], args: Any) -> list[dict[str
         timed = images[: 100 if q else args.timed_images]
         timing = mean_latency(runners, timed, rounds=2 if q else 3)
     ref, top_ref = timing["float"]["latency_ms"], rows["float"]["metric"]["top1"]
+    backbone = rows.get("early-exit backbone alone (fine-tuned, no exits)")
     out = []
     for label, r in rows.items():
         r.update(timing[label])
         r["latency_vs_float"] = round(r["latency_ms"] / ref, 3)
         r["top1_drop"] = round(top_ref - r["metric"]["top1"], 4)
+        if backbone is not None and label.startswith("early exit"):  # the exits' own cost
+            r["top1_drop_vs_backbone"] = round(backbone["metric"]["top1"] - r["metric"]["top1"], 4)
         r.setdefault("macs_saved", round(1 - r["macs"] / full_macs, 4))
         r["timed_images"], r["test_images"] = len(timed), n_test
         out.append({**base, **r})
@@ -223,7 +241,7 @@ def main() -> None:
         default=[0.01, 0.02, 0.03],
         help="val disagreement with the full model the exits may cost (a row each)",
     )
-    p.add_argument("--ee-epochs", type=int, default=2, help="early-exit training epochs")
+    p.add_argument("--ee-epochs", type=int, default=6, help="early-exit training epochs")
     p.add_argument("--ee-subset", type=int, default=0, help="train images for the exits (0: all)")
     p.add_argument(
         "--ee-frozen",
@@ -232,6 +250,10 @@ def main() -> None:
         help="ResNet: train only the heads (default: the backbone too, distilled)",
     )
     p.add_argument("--ee-lr", type=float, default=1e-3, help="exit training learning rate")
+    p.add_argument("--ee-at", type=float, nargs="+", default=None,
+                   help="exit positions as MAC fractions (default: per model)")  # fmt: skip
+    p.add_argument("--ee-width", type=int, default=0, help="exit head width (0: per model)")
+    p.add_argument("--ee-grid", type=int, default=0, help="exit head grid (0: global pool)")
     p.add_argument("--lw-epochs", type=int, default=5, help="lightweight distillation epochs")
     p.add_argument("--sg-epochs", type=int, default=2, help="skip-gate training epochs")
     p.add_argument("--sg-lr", type=float, default=2e-3, help="skip-gate training learning rate")
