@@ -10,13 +10,13 @@ import torch
 from torch import nn
 
 import slimkit as sk
+from slimkit.core.layerwise import InputStats
 from slimkit.errors import ConfigError
 from slimkit.export.matmulnbits import export_nbits
 from slimkit.quant import Int4
 from slimkit.quant.awq import awq
 from slimkit.quant.gptq import gptq
 from slimkit.quant.groupwise import GroupSpec, dequantize_weight, quantize_weight, search_range
-from slimkit.quant.layerwise import InputStats
 from slimkit.quant.nbits import NBitsLinear
 from slimkit.testing.numerics import sqnr
 from slimkit.zoo import create_model, example_inputs

@@ -111,3 +111,10 @@ class Scope:
         if self.types:
             parts.append(f"types={[t.__name__ for t in self.types]}")
         return "(" + ", ".join(parts) + ")" if parts else "(everything)"
+
+
+def set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted path ``target`` of ``root`` (its parent must exist)."""
+    parent_name, _, leaf = target.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, leaf, module)

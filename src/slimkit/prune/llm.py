@@ -3,7 +3,7 @@
 Both visit the Linear layers in forward order, one calibration pass per layer (or per group of
 layers that take the same input, q / k / v), each pass through the layers already pruned, so a
 layer is pruned against the inputs it will really see and memory stays at one layer's statistics
-(``X^T X``, K x K). The layer-by-layer driver is quantization's (``quant/layerwise.py``):
+(``X^T X``, K x K). The layer-by-layer driver is the one quantization uses (``core/layerwise.py``):
 
 - **Wanda** (Sun et al., 2023, "A Simple and Effective Pruning Approach for Large Language
   Models"): score ``|W_ij| * ||X_j||_2``; the smallest scores of each output row are zeroed (of
@@ -41,15 +41,15 @@ from torch import nn
 
 from slimkit.core.config import Config
 from slimkit.core.data import collect_batches, merge_batches
+
+# the layer-by-layer calibration driver is shared with GPTQ / AWQ (it lives in quant/)
+from slimkit.core.layerwise import InputStats, quantize_layerwise
 from slimkit.core.rebuild import linearize_conv1d
 from slimkit.core.registry import METHODS
 from slimkit.core.scope import Scope
 from slimkit.errors import ConfigError
 from slimkit.prune.channel import set_record
 from slimkit.prune.unstructured import _attach
-
-# the layer-by-layer calibration driver is shared with GPTQ / AWQ (it lives in quant/)
-from slimkit.quant.layerwise import InputStats, quantize_layerwise
 
 
 class _OneShot(Config):

@@ -19,7 +19,7 @@ Solvers (``method``):
   LayerNorm, fc1, lm_head) share one scaling, folded into the norm's weight and bias (kept only
   if the model's output is unchanged); elsewhere it stays a ``Mul`` on the layer's input.
 
-Calibration is layer by layer in forward order (``quant/layerwise.py``): each layer's statistics
+Calibration is layer by layer in forward order (``core/layerwise.py``): each layer's statistics
 come from inputs that went through the already-quantized layers before it.
 
     q = sk.quantize(model, "int4")                                   # rtn, g128, no data
@@ -44,16 +44,15 @@ from torch import nn
 
 from slimkit.core.config import Config
 from slimkit.core.data import collect_batches, merge_batches
+from slimkit.core.layerwise import InputStats, quantize_layerwise
 from slimkit.core.rebuild import linearize_conv1d
 from slimkit.core.registry import METHODS
-from slimkit.core.scope import Scope
+from slimkit.core.scope import Scope, set_submodule
 from slimkit.errors import ConfigError
 from slimkit.quant.awq import awq
 from slimkit.quant.gptq import gptq
 from slimkit.quant.groupwise import GroupSpec, quantize_weight, search_range
-from slimkit.quant.layerwise import InputStats, quantize_layerwise
 from slimkit.quant.nbits import Int8Embedding, NBitsLinear
-from slimkit.quant.sim import _set_submodule
 
 NEEDS_DATA = ("gptq", "awq")
 
@@ -212,7 +211,7 @@ def quantize_int4(
     embeddings = [n for n, m in out.named_modules() if isinstance(m, nn.Embedding)
                   and cfg.embeddings == "int8" and (scope or Scope()).matches(n, m)]  # fmt: skip
     for name in embeddings:
-        _set_submodule(out, name, Int8Embedding(out.get_submodule(name)))  # type: ignore[arg-type]
+        set_submodule(out, name, Int8Embedding(out.get_submodule(name)))  # type: ignore[arg-type]
     rep = quantize_layerwise(out, chosen, batches, _solver(cfg, notes), progress=progress,
                              fold=fold_input_scale if cfg.method == "awq" else None)  # fmt: skip
     record: dict[str, Any] = {

@@ -565,8 +565,8 @@ def _apply(model: nn.Module, formats: dict[str, str], cfg: Mixed, batches: list[
            scope: Scope | None, int8_bits: int) -> nn.Module:  # fmt: skip
     """Static PTQ with the float layers kept float and the integer layers at their bits; the
     fp16 layers then store fp16 weights."""
+    from slimkit.core.scope import set_submodule
     from slimkit.quant.ptq import PTQ, quantize_ptq
-    from slimkit.quant.sim import _set_submodule
 
     floats = [n for n, f in formats.items() if f in ("fp32", "fp16")]
     ints = {
@@ -578,7 +578,7 @@ def _apply(model: nn.Module, formats: dict[str, str], cfg: Mixed, batches: list[
     out = quantize_ptq(model, ptq, data=batches, scope=scope)
     for n, f in formats.items():
         if f == "fp16":
-            _set_submodule(out, n, HalfLayer(out.get_submodule(n)))
+            set_submodule(out, n, HalfLayer(out.get_submodule(n)))
     return out
 
 

@@ -50,12 +50,11 @@ from slimkit.core.config import Config
 from slimkit.core.io import PathLike
 from slimkit.core.rebuild import linearize_conv1d
 from slimkit.core.registry import METHODS
-from slimkit.core.scope import Scope
+from slimkit.core.scope import Scope, set_submodule
 from slimkit.core.verbs import dispatch
 from slimkit.errors import ConfigError
 from slimkit.quant.modules import run_layer
 from slimkit.quant.primitives import EPS
-from slimkit.quant.sim import _set_submodule
 
 Scheme = Literal["binary", "ternary", "pow2", "kmeans"]
 LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -316,7 +315,7 @@ def _finetune(
         q = out.get_submodule(name)
         assert isinstance(q, LowBitLayer)
         swapped[name] = _Trainable(q, latent, cfg)
-        _set_submodule(out, name, swapped[name])
+        set_submodule(out, name, swapped[name])
     # the registry's response distillation (no import of another technique), in place
     _, default = resolve("distill", "response")
     fields = ("loss", "alpha", "temperature", "epochs", "lr", "seed")
@@ -325,7 +324,7 @@ def _finetune(
                        val_fn=val_fn, checkpoint=checkpoint, progress=progress or None)  # fmt: skip
     train = report(trained).record
     for name, layer in swapped.items():
-        _set_submodule(out, name, layer.freeze())
+        set_submodule(out, name, layer.freeze())
     out.requires_grad_(False)
     return {"epochs": cfg.epochs, "history": train.get("history", []),
             "loss_kinds": [d["kind"] for d in train.get("losses", [])]}  # fmt: skip
@@ -383,7 +382,7 @@ def quantize_lowbit(
         w = weight.detach().float()
         latents[name] = w
         codes, levels, scale = quantize_weight(w, cfg)
-        _set_submodule(out, name, LowBitLayer(layer, codes, levels, scale, cfg.code_bits))
+        set_submodule(out, name, LowBitLayer(layer, codes, levels, scale, cfg.code_bits))
     record: dict[str, Any] = {"method": "quant.lowbit", "config": cfg.to_dict(),
                               "note": NOT_FASTER, "scheme": cfg.scheme, "bits": cfg.code_bits,
                               "storage_bits": storage_bits(cfg.code_bits)}  # fmt: skip

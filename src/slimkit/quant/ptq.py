@@ -156,7 +156,7 @@ def quantize_embeddings(
         small = emb.weight.numel() * emb.weight.element_size() < min_bytes
         if small or name not in called or f"{name}.weight" in read or emb.max_norm is not None:
             continue
-        sim._set_submodule(gm, name, QuantEmbedding(emb))
+        sim.set_submodule(gm, name, QuantEmbedding(emb))
         done.append(name)
     return done
 

@@ -37,12 +37,11 @@ from slimkit.core.config import Config
 from slimkit.core.data import collect_batches, flatten_output
 from slimkit.core.io import PathLike
 from slimkit.core.registry import METHODS
-from slimkit.core.scope import Scope
+from slimkit.core.scope import Scope, set_submodule
 from slimkit.core.verbs import dispatch
 from slimkit.quant.modules import QuantLayer, run_layer
 from slimkit.quant.primitives import EPS, mse_step
 from slimkit.quant.ptq import PTQ, quantize_ptq
-from slimkit.quant.sim import _set_submodule
 
 
 def _fast_ptq() -> PTQ:
@@ -126,14 +125,14 @@ def prepare(gm: fx.GraphModule, bits: int, learn: bool) -> dict[str, QATLayer]:
     for name, q in layers.items():
         q.float_layer.requires_grad_(True)
         swapped[name] = QATLayer(q, bits, learn)
-        _set_submodule(gm, name, swapped[name])
+        set_submodule(gm, name, swapped[name])
     return swapped
 
 
 def convert(gm: fx.GraphModule, swapped: dict[str, QATLayer]) -> fx.GraphModule:
     """Write the learned codes back: the PTQ graph, with trained integer weights."""
     for name, layer in swapped.items():
-        _set_submodule(gm, name, layer.freeze())
+        set_submodule(gm, name, layer.freeze())
     gm.requires_grad_(False)
     return gm
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from slimkit.core.data import Batch
-from slimkit.core.scope import Scope
+from slimkit.core.scope import Scope, set_submodule
 from slimkit.errors import DataError
 from slimkit.quant.calibrate import TensorStats, choose_range
 from slimkit.quant.modules import ActQuant, QuantLayer
@@ -285,15 +285,9 @@ def convert(
         layer = QuantLayer(modules[target], bits)
         if isinstance(qmod, ActQuant):
             layer.set_input_scale(float(qmod.scale), int(qmod.zero_point))
-        _set_submodule(gm, target, layer)
+        set_submodule(gm, target, layer)
     gm.recompile()
     return gm
-
-
-def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
-    parent_name, _, leaf = target.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, leaf, module)
 
 
 class LeafInput(nn.Module):
@@ -324,7 +318,7 @@ def wrap_leaves(gm: fx.GraphModule, leaves: Collection[str], scope: Scope | None
             if in_scope is not None and name not in in_scope:
                 continue
             wrapped = LeafInput(f"leaf:{name}", m)
-            _set_submodule(gm, name, wrapped)
+            set_submodule(gm, name, wrapped)
             out[name] = wrapped
     return out
 

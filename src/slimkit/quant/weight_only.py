@@ -21,9 +21,9 @@ from torch import nn
 
 from slimkit.core.config import Config
 from slimkit.core.registry import METHODS
-from slimkit.core.scope import Scope
+from slimkit.core.scope import Scope, set_submodule
 from slimkit.quant.modules import QuantLayer
-from slimkit.quant.sim import WEIGHTED, _set_submodule
+from slimkit.quant.sim import WEIGHTED
 
 
 class WeightOnly(Config):
@@ -51,5 +51,5 @@ def quantize_weight_only(
         if sum(p.numel() for p in layer.parameters()) < cfg.min_params:
             continue
         # 8-bit full range: no activation is quantized, so no integer kernel can saturate
-        _set_submodule(out, name, QuantLayer(layer, cfg.bits))
+        set_submodule(out, name, QuantLayer(layer, cfg.bits))
     return out

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from slimkit.core.data import Batch
-from slimkit.quant.sim import _set_submodule
+from slimkit.core.scope import set_submodule
 
 
 class _Stop(Exception):
@@ -232,7 +232,7 @@ def _replace(model: nn.Module, group: list[str], solve: Solve, stats: InputStats
              bar: Callable[[str | None], None]) -> None:  # fmt: skip
     layers = [(n, model.get_submodule(n)) for n in group]
     for name, new in zip(group, solve(layers, stats, producer), strict=True):  # type: ignore[arg-type]
-        _set_submodule(model, name, new)
+        set_submodule(model, name, new)
         rep.order.append(name)
         bar(name)
 
