@@ -31,6 +31,7 @@ from slimkit.core.io import (
     save_weights,
     write_json,
 )
+from slimkit.core.scope import set_submodule
 from slimkit.errors import CheckpointError
 from slimkit.lightweight.blocks import GhostConv, separable
 
@@ -126,8 +127,7 @@ def load_lightweight(directory: PathLike, *, model: nn.Module) -> nn.Module:
             )
         block = block_for(conv, row)
         block.train(conv.training)
-        parent, _, leaf = name.rpartition(".")
-        setattr(out.get_submodule(parent) if parent else out, leaf, block)
+        set_submodule(out, name, block)
     load_into(out, load_weights(d / "model.safetensors"))
     out.__dict__[RECORD] = {k: v for k, v in record.items() if k != "format"}
     return out

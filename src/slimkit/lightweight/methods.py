@@ -28,7 +28,7 @@ from torch.nn import functional as F
 from slimkit.core.config import Config
 from slimkit.core.data import collect_batches
 from slimkit.core.registry import METHODS
-from slimkit.core.scope import Scope
+from slimkit.core.scope import Scope, set_submodule
 from slimkit.core.train import fit
 from slimkit.errors import ConfigError
 from slimkit.lightweight.artifact import RECORD
@@ -93,11 +93,6 @@ def _why_not(m: nn.Conv2d, cfg: Config) -> str | None:
     return None
 
 
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, module)
-
-
 def convert(
     model: nn.Module, cfg: Separable | Ghost, method: str, scope: Scope | None = None
 ) -> tuple[nn.Module, LightweightReport]:
@@ -130,7 +125,7 @@ def convert(
             err = float((rebuilt - w).norm() / w.norm().clamp_min(1e-30))
             kind = f"ghost ratio {cfg.ratio}"
             replay = {"block": "ghost", "ratio": cfg.ratio}
-        _set(out, name, block)
+        set_submodule(out, name, block)
         report.layers.append({
             "name": name, "type": "Conv2d", "shape": list(conv.weight.shape), "block": kind,
             "params": [_params(conv), _params(block)], "rel_error": round(err, 4),
