@@ -3,7 +3,7 @@ one installed), fp32 and int8, on ResNet-18, MobileNetV2 and the BERT-style enco
 
 int8 is slimkit's PTQ (its QDQ graph) on ORT, OpenVINO and TVM, and the runtime's own quantizer on
 the float model, calibrated on the same batches, where it has one: LiteRT's full-integer converter,
-ExecuTorch's XNNPACK PT2E quantizer, MNN's int8 weight quantization (method ``int8 native``; their
+ExecuTorch's XNNPACK PT2E quantizer, MNN's offline quantization tool (method ``int8 native``; their
 parity is checked against the float model, see ``deploy``).
 
 Each row is one backend on one model and format, with its settings tuned by measurement
