@@ -11,20 +11,30 @@ middle and largest width, full depth, 3x3 kernels, the largest expansion. For ea
   seed: NSGA-II's first population is random search's first trials), on the supernet (proxy
   top-1 on 500 validation images after BatchNorm re-estimation; latency from the lookup table,
   with the table's held-out median error as a safety margin below the target);
-- the best of each search and the width-scaled baseline are extracted from the same supernet and
-  fine-tuned the same way (same epochs, distillation from the largest sub-network), then
-  evaluated on the test split and re-measured in ORT in the same interleaved rounds.
+- DARTS (``nas.darts``): a copy of the same trained supernet, relaxed (softmax over width, depth
+  and kernel x expansion), trained by first-order alternation for ``--darts-epochs`` (alpha steps
+  on the 500 validation images the proxy does not use, weight steps on the training images) with
+  the expected-latency term against the same target; its argmax, stepped down to the target if
+  needed, is extracted from that copy; a control row takes the same architecture from the shared
+  supernet instead (DARTS' copy had its weight steps too: the control separates the architecture
+  from those extra steps);
+- the best of each search and the width-scaled baseline are extracted (from the supernet; DARTS'
+  from its copy) and fine-tuned the same way (same epochs, distillation from the supernet's
+  largest sub-network), then evaluated on the test split and re-measured in ORT in the same
+  interleaved rounds.
 
 The latency model is validated on held-out random architectures measured as whole networks:
 median relative error of the lookup table, and of the roofline of this machine's measured
 hardware profile (raw lower bound, and with one scale fitted on the calibration networks).
 
-    .venv/bin/python benchmarks/bench_nas.py            # results/nas.json, 10-18 min
+    .venv/bin/python benchmarks/bench_nas.py            # results/nas.json, 15-25 min
+    .venv/bin/python benchmarks/bench_nas.py --strategies darts   # only DARTS + the baseline
     .venv/bin/python benchmarks/bench_nas.py --quick    # small space, about 1 min
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import statistics
 import sys
@@ -40,21 +50,27 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import parser, print_table, start, write_result  # noqa: E402
 from slimkit.nas import (  # noqa: E402
     CNNSpace,
+    Darts,
     StageSpace,
     SuperNet,
     calibrated_table,
+    darts_search,
     finetune,
     recalibrate_bn,
     roofline_ms,
     search,
     train_supernet,
 )
-from slimkit.nas.api import task_evaluator  # noqa: E402
+from slimkit.nas.api import held_out, task_evaluator  # noqa: E402
 from slimkit.nas.latency import measure_archs, ort_times  # noqa: E402
 from slimkit.zoo.tasks import evaluate, load_task  # noqa: E402
 
 # strategy -> the method name of its rows
-STRATEGIES = {"nsga2": "nas (NSGA-II)", "random": "nas, random search", "rl": "nas, rl"}
+STRATEGIES = {"nsga2": "nas (NSGA-II)", "random": "nas, random search", "rl": "nas, rl",
+              "darts": "nas, darts"}  # fmt: skip
+# a control: DARTS' architecture extracted from the shared supernet instead of DARTS' own copy
+# (whose weights had DARTS' weight steps too), fine-tuned the same way
+DARTS_ARCH_ONLY = "nas, darts arch on the shared supernet"
 
 
 def quick_space() -> CNNSpace:
@@ -101,7 +117,16 @@ def main() -> None:
     p.add_argument("--finetune-epochs", type=int, default=None)
     p.add_argument("--train-images", type=int, default=None, help="first N training images")
     p.add_argument("--n-random", type=int, default=1, help="random sub-networks per step")
+    p.add_argument(
+        "--strategies",
+        nargs="+",
+        choices=list(STRATEGIES),
+        default=list(STRATEGIES),
+        help="the searches to run (the width-scaled baseline always runs)",
+    )
+    p.add_argument("--darts-epochs", type=int, default=1, help="DARTS alternation epochs")
     args = p.parse_args()
+    strategies = [st for st in STRATEGIES if st in args.strategies]
     t0 = start(threads=1)
     threads = 1
     quick = args.quick
@@ -138,6 +163,7 @@ def main() -> None:
     teacher = recalibrate_bn(net.extract(space.largest()), ev.calib)
     margin = lat_info["lookup_table"]["median_rel_error"]
 
+    darts_cfg = Darts(epochs=args.darts_epochs, max_steps=max_steps)
     baselines = [space.uniform(i) for i in range(3)]
     base_ms = measure_archs(space, baselines, threads=threads)
     rows: list[dict[str, Any]] = []
@@ -147,10 +173,19 @@ def main() -> None:
     for i, (base, target) in enumerate(zip(baselines, base_ms, strict=True)):
         tag = f"target {i + 1}"
         got = {}
-        for strategy in STRATEGIES:
+        source = {st: (net, ev) for st in strategies}
+        for strategy in strategies:
             tt = time.perf_counter()
-            res = search(space, ev, trials=trials, target_ms=target * (1 - margin),
-                         strategy=strategy, seed=i)  # fmt: skip
+            if strategy == "darts":  # trains a copy of the supernet: the others keep theirs
+                dnet = copy.deepcopy(net)
+                dev = task_evaluator(dnet, task, lambda a: table.predict(space, a))
+                res = darts_search(dnet, table, train_loader=loader(100 + i), val=held_out(task),
+                                   target_ms=target * (1 - margin), evaluate=dev, seed=i,
+                                   config=darts_cfg)  # fmt: skip
+                source[strategy] = (dnet, dev)
+            else:
+                res = search(space, ev, trials=trials, target_ms=target * (1 - margin),
+                             strategy=strategy, seed=i)  # fmt: skip
             got[strategy] = res
             d = res.to_dict()
             d.pop("all")
@@ -158,16 +193,20 @@ def main() -> None:
                              "seconds": round(time.perf_counter() - tt, 1)})  # fmt: skip
             print(f"{tag} {strategy}: best proxy top-1 {res.best.top1 if res.best else None}",
                   flush=True)  # fmt: skip
-        chosen = [("width-scaled", base)] + [
-            (label, got[st].best.arch) for st, label in STRATEGIES.items() if got[st].best
+        chosen = [("width-scaled", base, net, ev)] + [
+            (STRATEGIES[st], got[st].best.arch, *source[st]) for st in strategies if got[st].best
         ]
-        for label, arch in chosen:
-            if (arch, i) not in tuned:  # the same architecture and seed: the same fine-tuning
-                model = recalibrate_bn(net.extract(arch), ev.calib)
+        if "darts" in strategies and got["darts"].best:
+            chosen.append((DARTS_ARCH_ONLY, got["darts"].best.arch, net, ev))
+        for label, arch, src, src_ev in chosen:
+            # the same architecture, weights and seed: the same fine-tuning
+            key = (arch, i, id(src))
+            if key not in tuned:
+                model = recalibrate_bn(src.extract(arch), ev.calib)
                 finetune(model, teacher, loader(i + 1),
                          epochs=ft_epochs, max_steps=max_steps, progress=False)  # fmt: skip
-                tuned[(arch, i)] = model
-            finals[f"{tag}|{label}"] = (tuned[(arch, i)], arch, target, ev(arch))
+                tuned[key] = model
+            finals[f"{tag}|{label}"] = (tuned[key], arch, target, src_ev(arch))
     x = torch.randn(1, space.in_channels, space.input_size, space.input_size)
     times = ort_times({k: (m, x) for k, (m, *_r) in finals.items()}, threads=threads, runs=50)
     for key, (model, arch, target, cand) in finals.items():
@@ -193,32 +232,37 @@ def main() -> None:
     for i in range(3):
         tag = f"target {i + 1}"
         r = {row["method"].rsplit(", ", 1)[0]: row for row in rows if row["method"].endswith(tag)}
-        base_row, nas_row = r["width-scaled"], r[STRATEGIES["nsga2"]]
-        per_target.append({
-            "target": tag, "target_ms": base_row["target_ms"],
-            "nas_meets_target": nas_row["meets_target"],
-            "nas_top1_minus_width_scaled": nas_row["metric"]["top1"] - base_row["metric"]["top1"],
-            "nas_ms_over_width_scaled_ms": nas_row["latency_ms"] / base_row["latency_ms"],
-            "proxy_best": {st: best[(tag, st)] for st in STRATEGIES},
-        })  # fmt: skip
-    summary = {
-        "latency_model": lat_info,
-        "per_target": per_target,
-        "nsga2_beats_random_proxy": sum(
-            best[(f"target {i + 1}", "nsga2")] > best[(f"target {i + 1}", "random")]
-            for i in range(3)
-        ),
-        "rl_beats_random_proxy": sum(
-            best[(f"target {i + 1}", "rl")] > best[(f"target {i + 1}", "random")] for i in range(3)
-        ),
+        base_row = r["width-scaled"]
+        entry = {"target": tag, "target_ms": base_row["target_ms"],
+                 "proxy_best": {st: best[(tag, st)] for st in strategies}}  # fmt: skip
+        names = {STRATEGIES[st]: "nas" if st == "nsga2" else st for st in strategies}
+        names[DARTS_ARCH_ONLY] = "darts_arch_only"
+        for label, name in names.items():  # "nas": NSGA-II, the headline
+            row = r.get(label)
+            if row is None:
+                continue
+            entry[f"{name}_meets_target"] = row["meets_target"]
+            entry[f"{name}_top1_minus_width_scaled"] = (row["metric"]["top1"]
+                                                        - base_row["metric"]["top1"])  # fmt: skip
+            entry[f"{name}_ms_over_width_scaled_ms"] = row["latency_ms"] / base_row["latency_ms"]
+        per_target.append(entry)
+    summary: dict[str, Any] = {"latency_model": lat_info, "per_target": per_target}
+    for st in ("nsga2", "rl"):  # proxy top-1 on the same supernet (not DARTS: its own weights)
+        if st in strategies and "random" in strategies:
+            summary[f"{st}_beats_random_proxy"] = sum(
+                best[(f"target {i + 1}", st)] > best[(f"target {i + 1}", "random")]
+                for i in range(3)
+            )
+    summary.update({
         "searches": searches,
         "supernet_seconds": round(supernet_s, 1),
         "load_average_start": load,
         "load_average_end": os.getloadavg(),
-    }
+    })  # fmt: skip
     settings = {"threads": threads, "trials": trials, "supernet_epochs": sn_epochs,
                 "train_images": n_train, "n_random": args.n_random,
-                "finetune_epochs": ft_epochs, "margin": margin,
+                "finetune_epochs": ft_epochs, "margin": margin, "strategies": strategies,
+                "darts": darts_cfg.to_dict(),
                 "space": space.to_dict()}  # fmt: skip
     print(f"wrote {write_result('nas', args, rows, settings, t0, summary=summary)}")
 

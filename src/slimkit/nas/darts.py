@@ -343,8 +343,7 @@ def darts_search(
         raise ConfigError(f"the latency target must be positive (got {target_ms})",
                           fix="pass target_ms > 0")  # fmt: skip
     space = net.space
-    torch.manual_seed(seed)
-    alphas = Alphas(space)
+    alphas = Alphas(space)  # uniform: nothing random to seed
     expected = ExpectedLatency(space, table)
     opt = torch.optim.Adam(alphas.parameters(), lr=cfg.alpha_lr, betas=(0.5, 0.999))
     held = _cycle(val)
@@ -379,7 +378,7 @@ def darts_search(
         "steps": len(trace),
         "argmax": argmax.describe(),
         "argmax_predicted_ms": table.predict(space, argmax),
-        "stepped_down": arch != argmax,
+        "changed_to_fit": arch != argmax,
         "expected_ms": float(final),
         "trace": trace[::every] + ([trace[-1]] if (len(trace) - 1) % every else []),
         "probs": {
