@@ -238,6 +238,10 @@ def test_bad_darts_input():
         Darts(epochs=0)
     with pytest.raises(ConfigError, match="latency weight"):
         Darts(latency_weight=-1.0)
+    from slimkit.nas import search_arch
+
+    with pytest.raises(ConfigError, match="unknown search strategy 'grid'.*darts"):
+        search_arch("shapes", strategy="grid")  # before anything is measured or trained
     space = tiny_space()
     table = macs_table(space)
     with pytest.raises(ConfigError, match="held-out"):
