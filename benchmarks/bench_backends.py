@@ -21,7 +21,7 @@ fastest.
 
 results/backends.json is the first command with every runtime installed (the backends extra,
 executorch, and litert: ``pip install 'slimkit[litert]' && pip install --no-deps tf-keras``);
-755 s at load 4.5-5 on 2 shared cores.
+633 s at load 3.2-3.5 on 2 shared cores.
 """
 
 from __future__ import annotations
