@@ -4,7 +4,9 @@ matches (``backend="auto"``)::
     rep = deploy(model, (x,), backend="auto", out="deployed/")
     rep.chosen, rep.table()       # e.g. "openvino", one row per backend
 
-Each backend gets the same ONNX file (fp32, or slimkit's QDQ int8 graph of a quantized model). Its
+Each backend gets the same ONNX file (fp32, or slimkit's QDQ int8 graph of a quantized model; a
+runtime with its own int8 quantizer, when ``deploy`` quantizes, gets the float model and the
+calibration batches instead, and its parity is checked against the float model). Its
 runtime settings are tuned by measurement (a short timing per candidate, kept only where parity
 holds), then all backends are timed interleaved with the protocol of ``BENCHMARKS.md``. Parity is
 the SQNR of the backend's output against slimkit's PyTorch model (its simulation when quantized).
@@ -260,7 +262,10 @@ def deploy(
     ``model`` is at least ``min_sqnr_db`` (40 dB fp32, 25 dB int8 by default).
 
     ``int8=True`` quantizes first (slimkit's PTQ, calibrated on ``data``, else on the example
-    inputs); a model already quantized by ``sk.quantize`` deploys as its int8 graph. With
+    inputs); runtimes with their own quantizer (``Backend.native_int8``: LiteRT, ExecuTorch, MNN)
+    quantize the float model on the same batches, checked against the float model at
+    ``DeployReport.native_min_sqnr_db``. A model already quantized by ``sk.quantize`` deploys as
+    its int8 graph. With
     ``out`` the chosen backend's files, ``model.onnx`` and ``deploy.json`` (the full table) are
     written there. ``hw`` is the hardware profile of the roofline bound (``None``: none).
     ``options`` are per-backend arguments, e.g. ``{"tvm": {"tune_trials": 64}}``.
