@@ -199,3 +199,16 @@ def rep_ref(model: torch.nn.Module, x: torch.Tensor, calib: Any) -> np.ndarray:
 
     with torch.no_grad():
         return _quantize(model, calib, (x,))(x).numpy()
+
+
+def test_native_calibration_is_recut_and_capped() -> None:
+    """Batches of any size are re-cut to the example's batch, and at most NATIVE_MAX_BATCHES go
+    to a runtime's quantizer (MNN writes each as a text file)."""
+    from slimkit.export.backends.measure import NATIVE_MAX_BATCHES, _calibration
+
+    x = torch.randn(1, 3, 4, 4)
+    data = [torch.randn(32, 3, 4, 4) for _ in range(32)]  # 1024 samples
+    cut = _calibration(data, (x,))
+    assert len(cut) == NATIVE_MAX_BATCHES and all(b[0].shape == (1, 3, 4, 4) for b in cut)
+    assert torch.equal(cut[1][0][0], data[0][1])  # in order
+    assert len(_calibration(None, (x,))) == 1  # no data: the example itself

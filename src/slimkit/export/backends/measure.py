@@ -48,6 +48,9 @@ MIN_SQNR_INT8 = 25.0
 # slimkit's, so it is checked against the float model: at least MIN_SQNR_INT8, or, where slimkit's
 # own int8 simulation is further from the float model, no more than this below it
 NATIVE_MARGIN_DB = 3.0
+# at most this many calibration batches (at the example's batch size) for a runtime's quantizer:
+# MNN's tool reads them as text files, which at 224x224 and 1024 samples would be gigabytes
+NATIVE_MAX_BATCHES = 128
 
 
 @dataclass
@@ -182,7 +185,8 @@ def _calibration(data: Any, args: tuple[torch.Tensor, ...]) -> list[tuple[torch.
         return ins
     cols = [torch.cat([b[k] for b in ins]) for k in range(len(args))]
     cut = [c.split(n) for c in cols]
-    return [tuple(c[i] for c in cut) for i in range(len(cut[0])) if cut[0][i].shape[0] == n]
+    whole = [tuple(c[i] for c in cut) for i in range(len(cut[0])) if cut[0][i].shape[0] == n]
+    return whole[:NATIVE_MAX_BATCHES]
 
 
 def _roofline_ms(model: nn.Module, inputs: tuple[torch.Tensor, ...], dtype: str, hw: Any,
