@@ -83,14 +83,19 @@ def forward_order(model: nn.Module, names: Sequence[str], batch: Batch) -> tuple
         model.get_submodule(n).register_forward_pre_hook(lambda _m, _a, n=n: calls.append(n))
         for n in names
     ]
+    _run_hooked(model, batch, handles)
+    order = list(dict.fromkeys(calls))
+    return order, len(order) == len(calls)
+
+
+def _run_hooked(model: nn.Module, batch: Batch, handles: list[Any]) -> None:
+    """One no-grad forward of ``batch`` with the hooks ``handles``, removed afterwards."""
     try:
         with torch.no_grad():
             batch.run(model)
     finally:
         for h in handles:
             h.remove()
-    order = list(dict.fromkeys(calls))
-    return order, len(order) == len(calls)
 
 
 def _is_norm(m: nn.Module) -> bool:
@@ -165,12 +170,7 @@ def _leaf_outputs(model: nn.Module, b: Batch, skip: str) -> dict[str, torch.Tens
 
     handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()
                if n != skip and next(m.children(), None) is None]  # fmt: skip
-    try:
-        with torch.no_grad():
-            b.run(model)
-    finally:
-        for h in handles:
-            h.remove()
+    _run_hooked(model, b, handles)
     return outs
 
 
