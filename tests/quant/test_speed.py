@@ -92,3 +92,17 @@ def test_faster_int8_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
     q = quantize_ptq(_mlp(), PTQ(float_prefix=False), data=_data())
     assert q.meta["slimkit"]["speed"]["decision"] == "int8"
     assert sum(isinstance(m, QuantLayer) for m in q.modules()) == 3
+
+
+def test_float_fallback_lists_the_layers_out_of_scope_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Falling back to the source keeps every layer float, the excluded ones too (the record
+    listed only the layers it had quantized: a recipe's ``exclude: [fc]`` vanished from it)."""
+    from slimkit.core.scope import Scope
+
+    _clock(monkeypatch, [{"fp32": 1.0, "int8": 1.5}])
+    monkeypatch.setattr(speed, "slow_layers", lambda *a, **k: [])
+    q = quantize_ptq(_mlp(), PTQ(float_prefix=False), data=_data(), scope=Scope(exclude=["4"]))
+    meta = q.meta["slimkit"]
+    assert meta["speed"]["decision"] == "float"
+    assert set(meta["float_layers"]) == {"0", "2", "4"}
+    assert meta["float_prefix_layers"] == ["0", "2"]  # what a rerun pins (all in scope)

@@ -366,9 +366,11 @@ def _never_slower(
         return out
     if chosen is source:  # an nn.Module of the user's class: the slimkit record goes on .meta
         layer_names = sorted({*layers, *floated})  # pinned, a rerun returns the model again
+        # every layer is float now: those out of scope as well as those it had quantized
+        all_float = sorted({*out.meta["slimkit"]["float_layers"], *layer_names})
         source.meta = {"slimkit": {  # type: ignore[assignment]
             **out.meta["slimkit"], "quantized_layers": 0, "activation_quantizers": 0,
-            "float_layers": layer_names, "float_prefix_layers": layer_names,
+            "float_layers": all_float, "float_prefix_layers": layer_names,
             "kept_float": "int8 ran slower than the float model on ONNX Runtime on this CPU",
         }}  # fmt: skip
     meta: dict[str, Any] = getattr(chosen, "meta")["slimkit"]  # noqa: B009 - set above
