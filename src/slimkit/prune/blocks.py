@@ -110,6 +110,21 @@ def droppable_blocks(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -
     return [n for n in cands if ok.get(n)]
 
 
+def _inside(name: str, blocks: Iterable[str]) -> bool:
+    """Whether module ``name`` lies inside one of ``blocks`` (a block is not inside itself)."""
+    return any(name.startswith(f"{b}.") for b in blocks)
+
+
+def outermost_blocks(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> list[str]:
+    """The droppable blocks of the main stack: those at the shallowest module depth among
+    :func:`droppable_blocks` (ResNet's ``layer1.0``, MobileNetV2's ``features.2``), not the
+    shape-keeping layers nested inside blocks (a MobileNetV2 block's depthwise convolution,
+    ``features.11.conv.1``, which may sit in a block that itself cannot be dropped)."""
+    cands = droppable_blocks(model, example_inputs)
+    top = min((n.count(".") for n in cands), default=0)
+    return [n for n in cands if n.count(".") == top]
+
+
 def evenly_spaced(cands: Sequence[str], n: int) -> list[str]:
     """``n`` of the candidate blocks to drop, spread evenly over each stack (container) in
     proportion to its size, keeping each stack's first and last block where possible."""
@@ -164,7 +179,7 @@ def drop_blocks(
                 f"cannot drop {unknown}: not a block whose output keeps its input's shape",
                 fix=f"choose among {cands[:8]}" if cands else "this model has no such block",
             )
-        chosen = list(cfg.names)
+        chosen = list(dict.fromkeys(cfg.names))
     elif cfg.order == "even":
         if cfg.blocks > len(cands):
             raise ConfigError(
@@ -190,11 +205,16 @@ def drop_blocks(
             scores = {
                 n: distortion(replace_with_dropped(copy.deepcopy(current), [n]), batches, ref)
                 for n in cands
-                if n not in chosen
+                if n not in chosen and not _inside(n, chosen)
             }
+            if not scores:  # what is left lies inside dropped blocks: nothing more to drop
+                break
             best = min(scores, key=scores.__getitem__)
             chosen.append(best)
             replace_with_dropped(current, [best])
+    # a layer inside a block that is dropped too goes with it (dropping it after its block would
+    # look for it inside the identity); the record lists what was dropped
+    chosen = [n for n in chosen if not _inside(n, chosen)]
     out = replace_with_dropped(copy.deepcopy(user), chosen)  # the user's modes, as they were
     record = pruning_record(user) or {"method": "prune.blocks", "slices": {}}
     set_record(out, {**record, "dropped": [*record.get("dropped", []), *chosen]})
