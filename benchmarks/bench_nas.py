@@ -7,10 +7,19 @@ machine). Three latency targets are the measured ORT latencies
 (batch 1, 1 thread) of the uniformly width-scaled baselines: every stage at its smallest,
 middle and largest width, full depth, 3x3 kernels, the largest expansion. For each target:
 
-- NSGA-II, random search and a REINFORCE controller, the same number of trials each (same
-  seed: NSGA-II's first population is random search's first trials), on the supernet (proxy
-  top-1 on 500 validation images after BatchNorm re-estimation; latency from the lookup table,
-  with the table's held-out median error as a safety margin below the target);
+- NSGA-II, random search and a REINFORCE controller, the same number of trials each, on the
+  supernet: proxy top-1 on the ``--proxy-images`` training images the supernet and fine-tuning
+  never see (after BatchNorm re-estimation on training images), latency from the lookup table
+  with the table's held-out median error as a safety margin below the target. An architecture
+  the table puts over the target is re-drawn before it is evaluated (it costs no trial; random
+  search samples uniformly among the feasible ones). NSGA-II's first population is seeded with
+  the feasible width-scaled family and the largest feasible networks (``nas.seed_archs``), the
+  rest random. NSGA-II and random search each run ``--search-seeds`` times per target (the
+  supernet and its proxies are shared, so a seed costs only proxy evaluations): the JSON and
+  the table report the mean and sd over seeds of the best feasible proxy top-1 and of the
+  hypervolume of the accuracy-latency front; the first seed's pick is the one fine-tuned. The
+  pick is the most accurate feasible trial, ties (within ``--tolerance`` of proxy top-1) to the
+  slowest, the one that uses most of the budget;
 - DARTS (``nas.darts``): a copy of the same trained supernet, relaxed (softmax over width, depth
   and kernel x expansion), trained by first-order alternation for ``--darts-epochs`` (alpha steps
   on the 500 validation images the proxy does not use, weight steps on the training images) with
@@ -19,15 +28,15 @@ middle and largest width, full depth, 3x3 kernels, the largest expansion. For ea
   supernet instead (DARTS' copy had its weight steps too: the control separates the architecture
   from those extra steps);
 - the best of each search and the width-scaled baseline are extracted (from the supernet; DARTS'
-  from its copy) and fine-tuned the same way (same epochs, distillation from the supernet's
-  largest sub-network), then evaluated on the test split and re-measured in ORT in the same
-  interleaved rounds.
+  from its copy) and fine-tuned the same way (the same ``--finetune-epochs``, data, seed and
+  distillation from the supernet's largest sub-network), then evaluated on the test split and
+  re-measured in ORT in the same interleaved rounds.
 
 The latency model is validated on held-out random architectures measured as whole networks:
 median relative error of the lookup table, and of the roofline of this machine's measured
 hardware profile (raw lower bound, and with one scale fitted on the calibration networks).
 
-    .venv/bin/python benchmarks/bench_nas.py            # results/nas.json, 15-25 min
+    .venv/bin/python benchmarks/bench_nas.py            # results/nas.json, 25-40 min
     .venv/bin/python benchmarks/bench_nas.py --strategies darts   # only DARTS + the baseline
     .venv/bin/python benchmarks/bench_nas.py --quick    # small space, about 1 min
 """
@@ -48,9 +57,11 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).parent))
 
 from _common import parser, print_table, start, write_result  # noqa: E402
+from slimkit.core.io import load_into, load_weights, save_weights  # noqa: E402
 from slimkit.nas import (  # noqa: E402
     CNNSpace,
     Darts,
+    Evaluator,
     StageSpace,
     SuperNet,
     calibrated_table,
@@ -59,9 +70,10 @@ from slimkit.nas import (  # noqa: E402
     recalibrate_bn,
     roofline_ms,
     search,
+    seed_archs,
     train_supernet,
 )
-from slimkit.nas.api import held_out, task_evaluator  # noqa: E402
+from slimkit.nas.api import held_out  # noqa: E402
 from slimkit.nas.latency import measure_archs, ort_times  # noqa: E402
 from slimkit.zoo.tasks import evaluate, load_task  # noqa: E402
 
@@ -71,6 +83,12 @@ STRATEGIES = {"nsga2": "nas (NSGA-II)", "random": "nas, random search", "rl": "n
 # a control: DARTS' architecture extracted from the shared supernet instead of DARTS' own copy
 # (whose weights had DARTS' weight steps too), fine-tuned the same way
 DARTS_ARCH_ONLY = "nas, darts arch on the shared supernet"
+SEEDED = ("nsga2", "random")  # the strategies run over several search seeds
+
+
+def mean_sd(values: list[float]) -> dict[str, Any]:
+    return {"values": values, "mean": statistics.fmean(values),
+            "sd": statistics.stdev(values) if len(values) > 1 else 0.0}  # fmt: skip
 
 
 def quick_space() -> CNNSpace:
@@ -113,6 +131,32 @@ def latency_model(space: CNNSpace, threads: int) -> tuple[Any, dict[str, Any]]:
 def main() -> None:
     p = parser("nas", __doc__)
     p.add_argument("--trials", type=int, default=None, help="trials per search")
+    p.add_argument(
+        "--search-seeds",
+        type=int,
+        default=None,
+        help="NSGA-II and random search runs per target (different seeds)",
+    )
+    p.add_argument(
+        "--proxy-images",
+        type=int,
+        default=None,
+        help="proxy top-1 on this many training images after --train-images",
+    )
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        help="proxy top-1 differences up to this are ties (default: 1 / sqrt(images))",
+    )
+    p.add_argument(
+        "--targets",
+        type=int,
+        nargs="+",
+        default=[1, 2, 3],
+        choices=[1, 2, 3],
+        help="which width-scaled baselines set the targets (experiments)",
+    )
     p.add_argument("--supernet-epochs", type=int, default=None)
     p.add_argument("--finetune-epochs", type=int, default=None)
     p.add_argument("--train-images", type=int, default=None, help="first N training images")
@@ -125,20 +169,36 @@ def main() -> None:
         help="the searches to run (the width-scaled baseline always runs)",
     )
     p.add_argument("--darts-epochs", type=int, default=1, help="DARTS alternation epochs")
+    p.add_argument(
+        "--supernet-cache",
+        type=Path,
+        default=None,
+        help="load the trained supernet from this safetensors file if it exists, "
+        "else train it and save it there (experiments; the JSON says which)",
+    )
     args = p.parse_args()
     strategies = [st for st in STRATEGIES if st in args.strategies]
     t0 = start(threads=1)
     threads = 1
     quick = args.quick
     space = quick_space() if quick else CNNSpace()
-    trials = args.trials or (8 if quick else 30)
+    trials = args.trials or (8 if quick else 40)
+    n_seeds = args.search_seeds or (2 if quick else 5)
     sn_epochs = args.supernet_epochs or (1 if quick else 5)
-    ft_epochs = args.finetune_epochs or 1
+    ft_epochs = args.finetune_epochs or (1 if quick else 2)
     max_steps = 15 if quick else None
     task = load_task("shapes")
     n_train = args.train_images or (2000 if quick else 6400)
     xs, ys = task.train.tensors
+    n_proxy = min(args.proxy_images or (500 if quick else 1000), len(xs) - n_train)
+    if n_proxy < 100:
+        raise SystemExit(f"--train-images {n_train} leaves {n_proxy} training images for the proxy")
+    tolerance = args.tolerance if args.tolerance is not None else 1 / n_proxy**0.5
     train_set = TensorDataset(xs[:n_train], ys[:n_train])
+    # the proxy's images: training images that neither the supernet nor fine-tuning see
+    proxy = list(zip(xs[n_train : n_train + n_proxy].split(500),
+                     ys[n_train : n_train + n_proxy].split(500), strict=True))  # fmt: skip
+    calib = list(zip(xs[:384].split(64), ys[:384].split(64), strict=True))  # BatchNorm statistics
 
     def loader(seed: int) -> DataLoader:
         gen = torch.Generator().manual_seed(seed)
@@ -152,15 +212,25 @@ def main() -> None:
     print(f"latency table: {lat_info['entries']} entries, held-out median error "
           f"{lat_info['lookup_table']['median_rel_error']:.1%}", flush=True)  # fmt: skip
 
+    def latency(a: Any) -> float:
+        return table.predict(space, a)
+
     ts = time.perf_counter()
     torch.manual_seed(0)
     net = SuperNet(space)
-    train_supernet(net, loader(0), epochs=sn_epochs, n_random=args.n_random,
-                   max_steps=max_steps, progress=False)  # fmt: skip
+    cached = args.supernet_cache is not None and args.supernet_cache.is_file()
+    if cached:
+        load_into(net, load_weights(args.supernet_cache))
+    else:
+        train_supernet(net, loader(0), epochs=sn_epochs, n_random=args.n_random,
+                       max_steps=max_steps, progress=False)  # fmt: skip
+        if args.supernet_cache is not None:
+            save_weights(net, args.supernet_cache)
     supernet_s = time.perf_counter() - ts
-    print(f"supernet: {sn_epochs} epochs in {supernet_s:.0f} s", flush=True)
-    ev = task_evaluator(net, task, lambda a: table.predict(space, a))
-    teacher = recalibrate_bn(net.extract(space.largest()), ev.calib)
+    print(f"supernet: {sn_epochs} epochs in {supernet_s:.0f} s"
+          f"{' (loaded from the cache)' if cached else ''}", flush=True)  # fmt: skip
+    ev = Evaluator(net, calib=calib, val=proxy, latency=latency)
+    teacher = recalibrate_bn(net.extract(space.largest()), calib)
     margin = lat_info["lookup_table"]["median_rel_error"]
 
     darts_cfg = Darts(epochs=args.darts_epochs, max_steps=max_steps)
@@ -168,31 +238,53 @@ def main() -> None:
     base_ms = measure_archs(space, baselines, threads=threads)
     rows: list[dict[str, Any]] = []
     searches: list[dict[str, Any]] = []
+    seeded: dict[str, Any] = {}
     finals: dict[str, Any] = {}
     tuned: dict[Any, Any] = {}
     for i, (base, target) in enumerate(zip(baselines, base_ms, strict=True)):
+        if i + 1 not in args.targets:
+            continue
         tag = f"target {i + 1}"
         got = {}
         source = {st: (net, ev) for st in strategies}
+        goal = target * (1 - margin)
+        initial = seed_archs(space, latency, goal)
         for strategy in strategies:
             tt = time.perf_counter()
             if strategy == "darts":  # trains a copy of the supernet: the others keep theirs
                 dnet = copy.deepcopy(net)
-                dev = task_evaluator(dnet, task, lambda a: table.predict(space, a))
+                dev = Evaluator(dnet, calib=calib, val=proxy, latency=latency)
                 res = darts_search(dnet, table, train_loader=loader(100 + i), val=held_out(task),
-                                   target_ms=target * (1 - margin), evaluate=dev, seed=i,
+                                   target_ms=goal, evaluate=dev, seed=i,
                                    config=darts_cfg)  # fmt: skip
                 source[strategy] = (dnet, dev)
             else:
-                res = search(space, ev, trials=trials, target_ms=target * (1 - margin),
-                             strategy=strategy, seed=i)  # fmt: skip
+                runs = [
+                    search(
+                        space,
+                        ev,
+                        trials=trials,
+                        target_ms=goal,
+                        strategy=strategy,
+                        seed=10 * i + s,
+                        latency=latency,
+                        tolerance=tolerance,
+                        initial=initial if strategy == "nsga2" else (),
+                    )  # fmt: skip
+                    for s in range(n_seeds if strategy in SEEDED else 1)
+                ]
+                res = runs[0]  # the first seed's pick is fine-tuned
+                seeded[f"{tag}|{strategy}"] = {
+                    "best_top1": mean_sd([r.best_top1() for r in runs]),
+                    "hypervolume": mean_sd([r.hypervolume() for r in runs]),
+                }
             got[strategy] = res
             d = res.to_dict()
             d.pop("all")
             searches.append({"target": tag, "target_ms": target, **d,
                              "seconds": round(time.perf_counter() - tt, 1)})  # fmt: skip
-            print(f"{tag} {strategy}: best proxy top-1 {res.best.top1 if res.best else None}",
-                  flush=True)  # fmt: skip
+            print(f"{tag} {strategy}: best proxy top-1 {res.best.top1 if res.best else None} "
+                  f"({time.perf_counter() - tt:.0f} s)", flush=True)  # fmt: skip
         chosen = [("width-scaled", base, net, ev)] + [
             (STRATEGIES[st], got[st].best.arch, *source[st]) for st in strategies if got[st].best
         ]
@@ -202,7 +294,7 @@ def main() -> None:
             # the same architecture, weights and seed: the same fine-tuning
             key = (arch, i, id(src))
             if key not in tuned:
-                model = recalibrate_bn(src.extract(arch), ev.calib)
+                model = recalibrate_bn(src.extract(arch), calib)
                 finetune(model, teacher, loader(i + 1),
                          epochs=ft_epochs, max_steps=max_steps, progress=False)  # fmt: skip
                 tuned[key] = model
@@ -211,30 +303,44 @@ def main() -> None:
     times = ort_times({k: (m, x) for k, (m, *_r) in finals.items()}, threads=threads, runs=50)
     for key, (model, arch, target, cand) in finals.items():
         tag, label = key.split("|")
-        method = label
         rows.append({
-            "model": "shapes", "tool": "slimkit", "method": f"{method}, {tag}", "batch": 1,
+            "model": "shapes", "tool": "slimkit", "method": f"{label}, {tag}", "batch": 1,
             "target_ms": target, "latency_ms": times[key]["ms"],
             "latency_median_ms": times[key]["median_ms"], "latency_spread_ms": times[key]["spread"],
             "meets_target": times[key]["ms"] <= target, "predicted_ms": cand.latency_ms,
-            "metric": {"top1": evaluate(model, task, "test")["top1"], "proxy_top1_val": cand.top1},
+            "metric": {"top1": evaluate(model, task, "test")["top1"], "proxy_top1": cand.top1},
             "params": cand.params, "arch": arch.describe(),
         })  # fmt: skip
     rows.append({"model": "shapes", "tool": "slimkit", "method": "nas latency model",
                  "median_rel_error": lat_info["lookup_table"]["median_rel_error"]})  # fmt: skip
     cols = [("method", "method"), ("arch", "arch"), ("target ms", "target_ms"),
             ("ms", "latency_ms"), ("meets", "meets_target"), ("top-1", "top1"),
-            ("params", "params")]  # fmt: skip
-    shown = [{**r, "top1": r["metric"]["top1"]} for r in rows[:-1]]
-    print_table("bench_nas: shapes, ORT batch 1, 1 thread; top-1 on the test split", cols, shown)
+            ("proxy", "proxy"), ("params", "params")]  # fmt: skip
+    shown = [{**r, "top1": r["metric"]["top1"], "proxy": r["metric"]["proxy_top1"]}
+             for r in rows[:-1]]  # fmt: skip
+    print_table("bench_nas: shapes, ORT batch 1, 1 thread; top-1 on the test split, proxy top-1 "
+                "on held-out training images", cols, shown)  # fmt: skip
+    seed_rows = [
+        {"search": f"{STRATEGIES[k.split('|')[1]]}, {k.split('|')[0]}", "trials": trials,
+         "seeds": len(v["best_top1"]["values"]),
+         "best": f"{v['best_top1']['mean']:.4f} ± {v['best_top1']['sd']:.4f}",
+         "hv": f"{v['hypervolume']['mean']:.4f} ± {v['hypervolume']['sd']:.4f}"}
+        for k, v in seeded.items()
+    ]  # fmt: skip
+    print_table("bench_nas: best feasible proxy top-1 and hypervolume, mean ± sd over search seeds",
+                [("search", "search"), ("trials", "trials"), ("seeds", "seeds"),
+                 ("best proxy top-1", "best"), ("hypervolume", "hv")], seed_rows)  # fmt: skip
     best = {(s["target"], s["strategy"]): (s["best"] or {}).get("top1", 0.0) for s in searches}
     per_target = []
-    for i in range(3):
-        tag = f"target {i + 1}"
+    for i in args.targets:
+        tag = f"target {i}"
         r = {row["method"].rsplit(", ", 1)[0]: row for row in rows if row["method"].endswith(tag)}
         base_row = r["width-scaled"]
-        entry = {"target": tag, "target_ms": base_row["target_ms"],
-                 "proxy_best": {st: best[(tag, st)] for st in strategies}}  # fmt: skip
+        entry: dict[str, Any] = {
+            "target": tag,
+            "target_ms": base_row["target_ms"],
+            "proxy_best": {st: best[(tag, st)] for st in strategies},
+        }
         names = {STRATEGIES[st]: "nas" if st == "nsga2" else st for st in strategies}
         names[DARTS_ARCH_ONLY] = "darts_arch_only"
         for label, name in names.items():  # "nas": NSGA-II, the headline
@@ -245,24 +351,41 @@ def main() -> None:
             entry[f"{name}_top1_minus_width_scaled"] = (row["metric"]["top1"]
                                                         - base_row["metric"]["top1"])  # fmt: skip
             entry[f"{name}_ms_over_width_scaled_ms"] = row["latency_ms"] / base_row["latency_ms"]
+        entry["search_seeds"] = {k.split("|")[1]: v for k, v in seeded.items()
+                                 if k.startswith(f"{tag}|")}  # fmt: skip
+        if all(f"{tag}|{st}" in seeded for st in SEEDED):
+            evo, rnd = (seeded[f"{tag}|{st}"] for st in SEEDED)
+            pairs = list(zip(evo["best_top1"]["values"], rnd["best_top1"]["values"], strict=True))
+            entry["nsga2_vs_random_by_seed"] = {"wins": sum(a > b for a, b in pairs),
+                                                "ties": sum(a == b for a, b in pairs),
+                                                "losses": sum(a < b for a, b in pairs)}  # fmt: skip
+            for what in ("best_top1", "hypervolume"):
+                entry[f"nsga2_beats_random_{what}_mean"] = (evo[what]["mean"]
+                                                            > rnd[what]["mean"])  # fmt: skip
         per_target.append(entry)
     summary: dict[str, Any] = {"latency_model": lat_info, "per_target": per_target}
     for st in ("nsga2", "rl"):  # proxy top-1 on the same supernet (not DARTS: its own weights)
-        if st in strategies and "random" in strategies:
+        if st in strategies and "random" in strategies:  # the first seed's searches
             summary[f"{st}_beats_random_proxy"] = sum(
-                best[(f"target {i + 1}", st)] > best[(f"target {i + 1}", "random")]
-                for i in range(3)
+                best[(f"target {i}", st)] > best[(f"target {i}", "random")] for i in args.targets
+            )
+    if all(st in strategies for st in SEEDED):
+        for what in ("best_top1", "hypervolume"):
+            summary[f"nsga2_beats_random_{what}_mean"] = sum(
+                e[f"nsga2_beats_random_{what}_mean"] for e in per_target
             )
     summary.update({
         "searches": searches,
         "supernet_seconds": round(supernet_s, 1),
+        "supernet_from_cache": cached,
         "load_average_start": load,
         "load_average_end": os.getloadavg(),
     })  # fmt: skip
-    settings = {"threads": threads, "trials": trials, "supernet_epochs": sn_epochs,
-                "train_images": n_train, "n_random": args.n_random,
+    settings = {"threads": threads, "trials": trials, "search_seeds": n_seeds,
+                "supernet_epochs": sn_epochs, "train_images": n_train,
+                "proxy_images": n_proxy, "tolerance": tolerance, "n_random": args.n_random,
                 "finetune_epochs": ft_epochs, "margin": margin, "strategies": strategies,
-                "darts": darts_cfg.to_dict(),
+                "targets": args.targets, "darts": darts_cfg.to_dict(),
                 "space": space.to_dict()}  # fmt: skip
     print(f"wrote {write_result('nas', args, rows, settings, t0, summary=summary)}")
 

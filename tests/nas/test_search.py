@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from slimkit.errors import ConfigError
-from slimkit.nas import Arch, Candidate, CNNSpace, search
+from slimkit.nas import Arch, Candidate, CNNSpace, SearchResult, search, seed_archs
 
 
 def synthetic(space: CNNSpace):
@@ -58,3 +58,58 @@ def test_bad_search_input():
         search(space, synthetic(space), trials=3, target_ms=1.0, objectives=("acc",))
     with pytest.raises(ConfigError, match="positive"):
         search(space, synthetic(space), trials=3, target_ms=0.0)
+
+
+def test_a_latency_predictor_spends_every_trial_under_the_target():
+    space = CNNSpace()
+    ev = synthetic(space)
+    target = ev(space.uniform(1)).latency_ms
+    lat = lambda a: ev(a).latency_ms  # noqa: E731 - the synthetic latency is free
+    for strategy in ("random", "nsga2", "rl"):
+        free = search(space, ev, trials=40, target_ms=target, strategy=strategy, seed=1)
+        kept = search(space, ev, trials=40, target_ms=target, strategy=strategy, seed=1,
+                      latency=lat)  # fmt: skip
+        assert len(kept.trials) == 40 and len(kept.feasible) == 40, strategy
+        assert len(free.feasible) < 40, strategy  # without it, trials are lost over the target
+
+
+def test_seed_archs_and_the_seeded_first_population():
+    space = CNNSpace()
+    ev = synthetic(space)
+    lat = lambda a: ev(a).latency_ms  # noqa: E731
+    target = lat(space.uniform(1))
+    init = seed_archs(space, lat, target, largest=3)
+    assert len(set(init)) == len(init) and all(lat(a) <= target for a in init)
+    assert space.uniform(0) in init and space.uniform(1) in init and space.uniform(2) not in init
+    assert len(init) >= 3 + 2  # the family (k3 e4 at widths 0 and 1, ...) and the largest ones
+    # the largest feasible ones are close to the target: within 10 % of it here
+    assert max(lat(a) for a in init) > 0.9 * target
+    res = search(space, ev, trials=30, target_ms=target, latency=lat, initial=init)
+    assert [c.arch for c in res.trials[: len(init)]] == init
+    assert res.best is not None and res.best.top1 >= max(ev(a).top1 for a in init)
+    with pytest.raises(ConfigError, match="seed NSGA-II"):
+        search(space, ev, trials=5, target_ms=target, strategy="random", initial=init)
+
+
+def test_best_breaks_ties_toward_the_budget_and_hypervolume_is_the_staircase():
+    space = CNNSpace()
+    a, b, c, d = (space.uniform(i, kernel=k) for i, k in ((0, 3), (1, 3), (2, 3), (0, 5)))
+    res = SearchResult(
+        "nsga2",
+        1.0,
+        trials=[
+            Candidate(a, 0.50, 0.2, 1),
+            Candidate(b, 0.60, 0.4, 2),
+            Candidate(d, 0.60, 0.6, 3),
+            Candidate(c, 0.9, 1.5, 4),
+        ],
+    )
+    assert res.best.arch == d  # a tie at 0.60: the slower one
+    assert res.best_top1() == 0.60
+    # from (latency 1.0, top-1 0): 0.5 over [0.2, 1] plus 0.1 more over [0.4, 1]
+    assert res.hypervolume() == pytest.approx(0.5 * 0.8 + 0.1 * 0.6, abs=1e-12)
+    res.trials.append(Candidate(c.__class__(c.stages[:1] + a.stages[1:]), 0.59, 0.9, 5))
+    assert res.best.arch == d
+    res.tolerance = 0.02  # 0.59 is now within the tolerance of 0.60: the slowest of them wins
+    assert res.best.top1 == 0.59 and res.best.latency_ms == 0.9
+    assert res.to_dict()["hypervolume"] == pytest.approx(res.hypervolume())

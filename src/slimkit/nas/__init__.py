@@ -16,7 +16,7 @@ from slimkit.nas.api import NASResult, calibrated_table, finetune, load, search_
 from slimkit.nas.darts import Darts, darts_search
 from slimkit.nas.latency import LatencyTable, Validation, measure_archs, roofline_ms, validate
 from slimkit.nas.model import ArchNet
-from slimkit.nas.search import Candidate, Evaluator, SearchResult, search
+from slimkit.nas.search import Candidate, Evaluator, SearchResult, search, seed_archs
 from slimkit.nas.space import Arch, CNNSpace, EncoderSpace, Stage, StageSpace
 from slimkit.nas.supernet import SuperNet, recalibrate_bn, sandwich_loss, train_supernet
 
@@ -45,6 +45,7 @@ __all__ = [
     "sandwich_loss",
     "search",
     "search_arch",
+    "seed_archs",
     "train_supernet",
     "validate",
 ]

@@ -28,7 +28,14 @@ from slimkit.errors import ConfigError
 from slimkit.nas.darts import Darts, darts_search
 from slimkit.nas.latency import LatencyTable, Validation, measure_archs, validate
 from slimkit.nas.model import ArchNet
-from slimkit.nas.search import STRATEGIES, Candidate, Evaluator, SearchResult, search
+from slimkit.nas.search import (
+    STRATEGIES,
+    Candidate,
+    Evaluator,
+    SearchResult,
+    search,
+    seed_archs,
+)
 from slimkit.nas.space import Arch, CNNSpace, write_yaml
 from slimkit.nas.supernet import SuperNet, recalibrate_bn, train, train_supernet
 
@@ -210,7 +217,9 @@ def search_arch(
 
     Without ``latency_ms`` the target is halfway between the smallest and the largest network.
     Steps: measure and calibrate the latency table (cached per machine), train the supernet
-    (sandwich rule), search (``"nsga2"``, ``"random"`` or ``"rl"``: ``trials`` architectures;
+    (sandwich rule), search (``"nsga2"``, ``"random"`` or ``"rl"``: ``trials`` architectures,
+    each predicted under the target before it is evaluated; NSGA-II's first population seeded
+    with :func:`~slimkit.nas.search.seed_archs`;
     ``"darts"``: the differentiable relaxation warm-started from the supernet, settings in
     ``darts``, alphas trained on the validation images the evaluator does not use), extract the
     best, fine-tune it with distillation from the largest sub-network, evaluate it on the test
@@ -260,8 +269,10 @@ def search_arch(
             on_trial(1, res.trials[0])
     else:
         stage(f"search ({strategy}, {trials} trials)")
-        res = search(space, ev, trials=trials, target_ms=target * (1 - margin), strategy=strategy,
-                     seed=seed, on_trial=on_trial)  # fmt: skip
+        goal = target * (1 - margin)
+        initial = seed_archs(space, ev.latency, goal) if strategy == "nsga2" else []
+        res = search(space, ev, trials=trials, target_ms=goal, strategy=strategy, seed=seed,
+                     on_trial=on_trial, latency=ev.latency, initial=initial)  # fmt: skip
     best = res.best
     if best is None:  # pragma: no cover - the smallest network meets any target >= lo
         raise ConfigError("no architecture met the latency target", fix="raise --latency-ms")

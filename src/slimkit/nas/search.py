@@ -1,9 +1,9 @@
 """Search a trained supernet for the most accurate architecture under a latency target.
 
     ev = Evaluator(net, calib=batches, val=val, latency=lambda a: table.predict(space, a))
-    res = search(space, ev, trials=60, target_ms=0.08)          # NSGA-II, constrained
-    base = search(space, ev, trials=60, target_ms=0.08, strategy="random")  # the baseline
-    res.best.arch, res.best.top1, res.best.latency_ms
+    res = search(space, ev, trials=60, target_ms=0.08, latency=ev.latency)  # NSGA-II
+    base = search(space, ev, trials=60, target_ms=0.08, strategy="random", latency=ev.latency)
+    res.best.arch, res.best.top1, res.best.latency_ms, res.hypervolume()
 
 Each trial is one architecture: extracted from the supernet, its BatchNorm statistics
 re-estimated on a few training batches, top-1 measured on validation data, its latency predicted
@@ -11,6 +11,14 @@ by the lookup table, its size counted. NSGA-II (Deb et al., 2002, with its const
 works on three objectives (top-1 up, latency down, parameters down) with the latency target as a
 constraint, so infeasible architectures lose to feasible ones; random search samples the same
 genes uniformly. Both share the evaluator's cache (an architecture is evaluated once).
+
+A trial is one accuracy evaluation (the expensive part). With ``latency=`` (the lookup table's
+prediction, microseconds per call) an architecture predicted over the target is rejected before
+it is evaluated, as in single-path one-shot search (Guo et al., 2020): random search then samples
+uniformly among the feasible architectures and NSGA-II only breeds feasible children, so every
+trial of both is spent where the answer can be. NSGA-II's first population can be seeded
+(``initial=``, e.g. :func:`seed_archs`: the uniformly width-scaled family and the largest feasible
+networks), the rest of it random.
 """
 
 from __future__ import annotations
@@ -93,6 +101,7 @@ class SearchResult:
     target_ms: float
     trials: list[Candidate] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)  # what a strategy adds (DARTS: alphas)
+    tolerance: float = 0.0  # top-1 differences up to this are ties in `best`
 
     @property
     def feasible(self) -> list[Candidate]:
@@ -100,9 +109,30 @@ class SearchResult:
 
     @property
     def best(self) -> Candidate | None:
-        """The most accurate feasible candidate (ties: the faster one)."""
+        """The most accurate feasible candidate; candidates within ``tolerance`` of its top-1 are
+        ties, and a tie goes to the slowest (the one that uses most of the latency budget: with a
+        noisy proxy, the larger network is the better bet after fine-tuning)."""
         f = self.feasible
-        return max(f, key=lambda c: (c.top1, -c.latency_ms)) if f else None
+        if not f:
+            return None
+        top = max(c.top1 for c in f)
+        return max((c for c in f if c.top1 >= top - self.tolerance - 1e-12),
+                   key=lambda c: (c.latency_ms, c.top1))  # fmt: skip
+
+    def best_top1(self) -> float:
+        """The best feasible top-1 (0 when nothing is feasible)."""
+        return max((c.top1 for c in self.feasible), default=0.0)
+
+    def hypervolume(self) -> float:
+        """The area dominated by the feasible accuracy-latency front, from the reference point
+        (latency = target, top-1 = 0), divided by the target: a top-1 in [0, 1] averaged over
+        the latency budget (a single network of top-1 ``a`` at 0 ms would score ``a``)."""
+        area, best = 0.0, 0.0
+        for c in sorted(self.feasible, key=lambda c: c.latency_ms):
+            if c.top1 > best:  # a step of the staircase from this latency to the target
+                area += (c.top1 - best) * (self.target_ms - c.latency_ms)
+                best = c.top1
+        return area / self.target_ms
 
     def best_so_far(self) -> list[float]:
         """The best feasible top-1 after each trial (0 before the first feasible one)."""
@@ -121,6 +151,9 @@ class SearchResult:
             "trials": len(self.trials),
             "feasible": len(self.feasible),
             "best": b.to_dict() if b is not None else None,
+            "best_top1": self.best_top1(),
+            "hypervolume": self.hypervolume(),
+            "tolerance": self.tolerance,
             "best_so_far": self.best_so_far(),
             "all": [c.to_dict() for c in self.trials],
             **({"info": self.info} if self.info else {}),
@@ -180,21 +213,67 @@ def rank_and_crowding(points: Sequence[tuple[list[float], float]]) -> tuple[list
     return rank, crowd
 
 
+def seed_archs(space: CNNSpace, latency: Callable[[Arch], float], target_ms: float, *,
+               largest: int = 4) -> list[Arch]:  # fmt: skip
+    """Architectures to seed NSGA-II's first population with under ``target_ms``: the uniformly
+    width-scaled family that fits (every width index, kernel and expansion, full depth), then
+    the ``largest`` feasible networks on the path from the largest network down (each step
+    lowers the one choice that saves the most predicted latency), deduplicated."""
+    out: list[Arch] = []
+
+    def add(a: Arch) -> None:
+        if a not in out and latency(a) <= target_ms:
+            out.append(a)
+
+    widest = max(len(s.widths) for s in space.stages)
+    for k in sorted({k for s in space.stages for k in s.kernels}):
+        for e in sorted({e for s in space.stages for e in s.expands}):
+            for w in range(widest):
+                if all(k in s.kernels and e in s.expands for s in space.stages):
+                    add(space.uniform(w, kernel=k, expand=e))
+    choices = [c for _, c in space.genes()]
+    genes = space.encode(space.largest())
+    found = 0
+    while found < largest:
+        if latency(space.decode(genes)) <= target_ms:
+            before = len(out)
+            add(space.decode(genes))
+            found += len(out) > before
+        steps = []  # every gene lowered by one choice, by the latency it saves
+        for i, (g, c) in enumerate(zip(genes, choices, strict=True)):
+            j = c.index(g)
+            if j > 0:
+                step = [*genes[:i], c[j - 1], *genes[i + 1 :]]
+                steps.append((latency(space.decode(step)), step))
+        if not steps:
+            break
+        feasible = [s for s in steps if s[0] <= target_ms]
+        # above the target: the step that saves most; below it: the slowest of the feasible ones
+        genes = max(feasible)[1] if feasible else min(steps)[1]
+    return out
+
+
 def search(space: CNNSpace, evaluate: Callable[[Arch], Candidate], *, trials: int,
            target_ms: float, strategy: str = "nsga2", population: int = 12, seed: int = 0,
            objectives: Sequence[str] = ("top1", "latency", "params"),
-           on_trial: Callable[[int, Candidate], None] | None = None) -> SearchResult:  # fmt: skip
+           on_trial: Callable[[int, Candidate], None] | None = None,
+           latency: Callable[[Arch], float] | None = None, initial: Sequence[Arch] = (),
+           tolerance: float = 0.0, redraws: int = 200) -> SearchResult:  # fmt: skip
     """Evaluate ``trials`` distinct architectures of ``space`` chosen by ``strategy`` under
     ``target_ms`` and return them all with the best.
 
-    ``"nsga2"``: a random first population of ``population``, then generations of as many
-    children (binary tournament on rank and crowding, uniform crossover of the genes, each gene
-    re-drawn with probability 2 / genes) and elitist selection of the next population from
-    parents and children, under constraint domination (latency <= target) on ``objectives``
-    (any of ``top1``, ``latency``, ``params``). ``"random"``: every gene drawn uniformly.
-    ``"rl"``: a REINFORCE controller (Williams, 1992; as in Zoph & Le's NAS and MnasNet), one
-    softmax per gene, rewarded with ``top1 * min(1, target / latency)**2`` against a moving
-    average baseline.
+    ``"nsga2"``: a first population of every ``initial`` architecture and random ones up to
+    ``population`` in all, then generations of ``population`` children (binary tournament on
+    rank and crowding, uniform crossover of the genes, each gene re-drawn with probability 2 /
+    genes) and elitist selection of the next ``population`` from parents and children, under
+    constraint domination (latency <= target) on ``objectives`` (any of ``top1``, ``latency``,
+    ``params``). ``"random"``: every gene drawn uniformly. ``"rl"``: a REINFORCE controller
+    (Williams, 1992; as in Zoph & Le's NAS and MnasNet), one softmax per gene, rewarded with
+    ``top1 * min(1, target / latency)**2`` against a moving average baseline.
+
+    ``latency``: a cheap latency predictor; an architecture it puts over the target is re-drawn
+    (up to ``redraws`` times, then evaluated anyway) and costs no trial. ``tolerance``: top-1
+    differences up to it are ties when the result picks its best (see ``SearchResult.best``).
     """
     if strategy not in STRATEGIES:
         raise ConfigError(f"unknown search strategy {strategy!r}",
@@ -206,26 +285,41 @@ def search(space: CNNSpace, evaluate: Callable[[Arch], Candidate], *, trials: in
     if unknown or not objectives:
         raise ConfigError(f"unknown objectives {unknown or objectives!r}",
                           fix=f"choose from {', '.join(OBJECTIVES)}")  # fmt: skip
+    if initial and strategy != "nsga2":
+        raise ConfigError(f"initial architectures seed NSGA-II's population, not {strategy!r}",
+                          fix="drop initial=, or use strategy='nsga2'")  # fmt: skip
+    for a in initial:
+        space.check(a)
     rng = random.Random(seed)
     choices = [c for _, c in space.genes()]
-    result = SearchResult(strategy, target_ms)
+    result = SearchResult(strategy, target_ms, tolerance=tolerance)
     seen: set[Arch] = set()
     stalls = [0]
 
     def draw() -> list[int]:
         return [rng.choice(c) for c in choices]
 
-    def trial(genes: list[int]) -> tuple[list[int], Candidate] | None:
-        arch = space.decode(genes)
-        for _ in range(50):  # a distinct architecture per trial: re-draw one gene
-            if arch not in seen:
-                break
-            i = rng.randrange(len(genes))
-            genes[i] = rng.choice(choices[i])
+    def fits(arch: Arch) -> bool:
+        return latency is None or latency(arch) <= target_ms
+
+    def trial(genes: list[int], redraw: Callable[[], list[int]] | None = None,
+              ) -> tuple[list[int], Candidate] | None:  # fmt: skip
+        """Evaluate ``genes`` (made distinct from every earlier trial by re-drawing one gene;
+        when the predictor puts them over the target, replaced by ``redraw()``)."""
+        for _ in range(redraws):
             arch = space.decode(genes)
-        else:
-            stalls[0] += 1  # the space is exhausted around here
-            return None
+            for _ in range(50):  # a distinct architecture per trial: re-draw one gene
+                if arch not in seen:
+                    break
+                i = rng.randrange(len(genes))
+                genes[i] = rng.choice(choices[i])
+                arch = space.decode(genes)
+            else:
+                stalls[0] += 1  # the space is exhausted around here
+                return None
+            if fits(arch) or redraw is None:
+                break
+            genes = redraw()
         seen.add(arch)
         c = evaluate(arch)
         result.trials.append(c)
@@ -237,15 +331,20 @@ def search(space: CNNSpace, evaluate: Callable[[Arch], Candidate], *, trials: in
         return _objectives(c, objectives), max(0.0, c.latency_ms - target_ms)
 
     pop: list[tuple[list[int], Candidate]] = []
+    for a in initial:  # all of them (the first selection keeps ``population``), trials allowing
+        if a not in seen and len(result.trials) < trials:
+            got = trial(space.encode(a))
+            if got is not None:
+                pop.append(got)
     controller = _Reinforce(choices, rng) if strategy == "rl" else None
     while len(result.trials) < trials and stalls[0] < 100:
         if controller is not None:
-            got = trial(controller.sample())
+            got = trial(controller.sample(), controller.sample)
             if got is not None:
                 c = got[1]
                 controller.update(got[0], c.top1 * min(1.0, target_ms / c.latency_ms) ** 2)
         elif strategy == "random" or len(pop) < population:
-            got = trial(draw())
+            got = trial(draw(), draw)
             if got is not None and strategy == "nsga2":
                 pop.append(got)
         else:
@@ -256,15 +355,17 @@ def search(space: CNNSpace, evaluate: Callable[[Arch], Candidate], *, trials: in
                 i, j = rng.randrange(len(pop)), rng.randrange(len(pop))
                 return pop[i if (rank[i], -crowd[i]) <= (rank[j], -crowd[j]) else j][0]
 
+            def child() -> list[int]:
+                a, b = pick(), pick()
+                genes = [x if rng.random() < 0.5 else y for x, y in zip(a, b, strict=True)]
+                return [rng.choice(c) if rng.random() < 2 / len(genes) else g
+                        for g, c in zip(genes, choices, strict=True)]  # fmt: skip
+
             children = []
             for _ in range(population):
                 if len(result.trials) >= trials:
                     break
-                a, b = pick(), pick()
-                child = [x if rng.random() < 0.5 else y for x, y in zip(a, b, strict=True)]
-                child = [rng.choice(c) if rng.random() < 2 / len(child) else g
-                         for g, c in zip(child, choices, strict=True)]  # fmt: skip
-                got = trial(child)
+                got = trial(child(), child)
                 if got is not None:
                     children.append(got)
             merged = pop + children
