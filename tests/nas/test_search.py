@@ -113,3 +113,27 @@ def test_best_breaks_ties_toward_the_budget_and_hypervolume_is_the_staircase():
     res.tolerance = 0.02  # 0.59 is now within the tolerance of 0.60: the slowest of them wins
     assert res.best.top1 == 0.59 and res.best.latency_ms == 0.9
     assert res.to_dict()["hypervolume"] == pytest.approx(res.hypervolume())
+
+
+def test_measured_best_keeps_the_measured_limit():
+    space = CNNSpace()
+    a, b, c = (space.uniform(i) for i in range(3))
+    res = SearchResult(
+        "nsga2",
+        1.0,
+        trials=[Candidate(a, 0.5, 0.3, 1), Candidate(b, 0.6, 0.8, 2), Candidate(c, 0.61, 0.9, 3)],
+        tolerance=0.02,
+    )
+    assert res.best.arch == c
+    truth = {a: 0.35, b: 0.9, c: 1.1}  # the prediction under-estimated c
+    calls = []
+
+    def measure(archs):
+        calls.append(list(archs))
+        return [truth[x] for x in archs]
+
+    assert res.measured_best(measure, 1.0).arch == b  # c measured over: b, the next best
+    assert calls == [[c, b, a]] and res.info["measured_ms"][c.describe()] == 1.1
+    assert res.measured_best(measure, 0.5).arch == a
+    assert res.measured_best(measure, 0.1).arch == a  # none fits: the fastest measured
+    assert res.measured_best(measure, 1.0, top=1).arch == c  # only c measured, and over

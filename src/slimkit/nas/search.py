@@ -119,6 +119,25 @@ class SearchResult:
         return max((c for c in f if c.top1 >= top - self.tolerance - 1e-12),
                    key=lambda c: (c.latency_ms, c.top1))  # fmt: skip
 
+    def measured_best(self, measure: Callable[[list[Arch]], Sequence[float]], limit_ms: float,
+                      *, top: int = 8) -> Candidate | None:  # fmt: skip
+        """Hardware in the loop: measure the ``top`` most accurate feasible trials as whole
+        networks (``measure(archs) -> ms``) and choose, as :attr:`best` does, among those
+        measured at most ``limit_ms``; when none is, the fastest measured one. The prediction
+        errs most at the edge of the budget, where :attr:`best` looks; the measurements are
+        kept in ``info["measured_ms"]``."""
+        ranked = sorted(self.feasible, key=lambda c: (-c.top1, -c.latency_ms))[:top]
+        if not ranked:
+            return None
+        ms = list(measure([c.arch for c in ranked]))
+        self.info["measured_ms"] = {c.arch.describe(): m for c, m in zip(ranked, ms, strict=True)}
+        ok = [(c, m) for c, m in zip(ranked, ms, strict=True) if m <= limit_ms]
+        if not ok:
+            return min(zip(ranked, ms, strict=True), key=lambda cm: cm[1])[0]
+        top1 = max(c.top1 for c, _ in ok)
+        return max((cm for cm in ok if cm[0].top1 >= top1 - self.tolerance - 1e-12),
+                   key=lambda cm: (cm[1], cm[0].top1))[0]  # fmt: skip
+
     def best_top1(self) -> float:
         """The best feasible top-1 (0 when nothing is feasible)."""
         return max((c.top1 for c in self.feasible), default=0.0)
