@@ -26,8 +26,10 @@ The goals checked per model: 10x faster than eager, 4x faster than ORT fp32, top
 below ORT fp32, for the pipeline's int8 model.
 
     python benchmarks/bench_pipeline.py --quick   # 1 recovery epoch, fewer timing runs
-    python benchmarks/bench_pipeline.py           # 15 recovery epochs (about 10 minutes a model
-                                                  # on 2 idle cores)
+    python benchmarks/bench_pipeline.py           # 15 recovery epochs: 44 min for the ResNet
+                                                  # alone on 2 cores at load 6 (epochs ~2 min)
+    python benchmarks/bench_pipeline.py --models shapes_mobilenetv2 --epochs 5  # one model; the
+                                                  # other's rows are kept from the result file
 """
 
 from __future__ import annotations
