@@ -80,7 +80,10 @@ def _trials(url: str) -> list:
 
 @pytest.mark.slow
 def test_two_workers_one_killed_mid_trial(postgres_url: str, tmp_path: Path) -> None:
-    main = start(ARGS, str(tmp_path / "main"), postgres_url, "main", threads=1)
+    # The worker to be killed starts first, and the main process once the worker holds its first
+    # trial: started together, on a loaded machine, main could run most of the study while the
+    # worker was still importing, and the worker never held a second trial to be killed in.
+    main: subprocess.Popen | None = None  # type: ignore[type-arg]
     done_by_victim: list[int] = []
     killed: list[int] = []
     victims: list[subprocess.Popen] = []  # type: ignore[type-arg]
@@ -99,6 +102,8 @@ def test_two_workers_one_killed_mid_trial(postgres_url: str, tmp_path: Path) -> 
                       if t.user_attrs.get("worker", "").endswith(mine)]  # fmt: skip
                 done = [t.number for t in ts if t.state.name == "COMPLETE"]
                 running = [t.number for t in ts if t.state.name == "RUNNING"]
+                if ts and main is None:  # the study exists and the worker is in it: the second
+                    main = start(ARGS, str(tmp_path / "main"), postgres_url, "main", threads=1)
                 if done and running:
                     os.kill(victim.pid, signal.SIGKILL)  # mid-trial
                     break
@@ -111,12 +116,14 @@ def test_two_workers_one_killed_mid_trial(postgres_url: str, tmp_path: Path) -> 
             if killed:
                 break
         assert killed, "each worker finished its trial just before the kill (3 tries)"
+        assert main is not None
         assert main.wait(timeout=300) == 0, main.stderr.read().decode()[-3000:]  # type: ignore[union-attr]
     finally:
         for p in (main, *victims):
-            if p.poll() is None:
+            if p is not None and p.poll() is None:
                 p.kill()
-            p.wait()
+            if p is not None:
+                p.wait()
     doc = json.loads((tmp_path / "main" / "search.json").read_text())
     by_number = {t["number"]: t for t in doc["trials"]}
     for n in done_by_victim:  # finished by the killed worker: kept
