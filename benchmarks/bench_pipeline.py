@@ -60,6 +60,7 @@ from slimkit.export.onnx import export_onnx  # noqa: E402
 from slimkit.export.ort import OrtModule, ort_session  # noqa: E402
 from slimkit.export.qdq import export_quantized  # noqa: E402
 from slimkit.prune import Drop, Target, drop_blocks, prune_to_target, pruning_record, recover  # noqa: E402
+from slimkit.prune.auto import measure_speedup  # noqa: E402
 from slimkit.prune.blocks import evenly_spaced, outermost_blocks  # noqa: E402
 from slimkit.quant import PTQ  # noqa: E402
 from slimkit.zoo import PRETRAINED, Task, evaluate, load_task, pretrained  # noqa: E402
@@ -149,17 +150,6 @@ def depth(b: Bench, fraction: float) -> tuple[nn.Module, list[str]]:
     return drop_blocks(b.dense, Drop(names=names), example_inputs=(b.x,)), names
 
 
-def speedup(dense: nn.Module, small: nn.Module, x: torch.Tensor, tmp: Path) -> float:
-    """Measured ORT fp32 speed-up of ``small`` over ``dense`` (interleaved rounds)."""
-    runners = {}
-    for label, m in (("dense", dense), ("small", small)):
-        path = tmp / f"speedup_{label}.onnx"
-        export_onnx(m, path, example_inputs=(x,), check=False)
-        runners[label] = ort_runner(ort_session(path), [x])
-    st = measure_latency(runners, runs=50, warmup=10, rounds=3)
-    return st["dense"].median_ms / st["small"].median_ms
-
-
 def bench_model(name: str, tmp: Path, args: Any) -> list[dict[str, Any]]:
     b = Bench(name, tmp, args.quick)
     dense, task, epochs = b.dense, b.task, args.epochs
@@ -177,7 +167,7 @@ def bench_model(name: str, tmp: Path, args: Any) -> list[dict[str, Any]]:
     t0 = time.perf_counter()
     target = args.speedup or GOAL_ORT * MARGIN
     deep, dropped = depth(b, args.drop) if args.drop > 0 else (dense, [])
-    d = speedup(dense, deep, b.x, tmp) if dropped else 1.0
+    d = measure_speedup(dense, deep, (b.x,), runs=50)[0] if dropped else 1.0
     width_target = round(max(target / d, 1.0), 2)
     print(f"{name}: dropped {len(dropped)} blocks: {d:.2f}x over ORT fp32; width pruning to a "
           f"measured {width_target}x for {target:g}x in all", flush=True)  # fmt: skip

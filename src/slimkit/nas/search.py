@@ -112,12 +112,17 @@ class SearchResult:
         """The most accurate feasible candidate; candidates within ``tolerance`` of its top-1 are
         ties, and a tie goes to the slowest (the one that uses most of the latency budget: with a
         noisy proxy, the larger network is the better bet after fine-tuning)."""
-        f = self.feasible
-        if not f:
+        picked = self._pick([(c, c.latency_ms) for c in self.feasible])
+        return picked[0] if picked else None
+
+    def _pick(self, options: list[tuple[Candidate, float]]) -> tuple[Candidate, float] | None:
+        """The most accurate of ``(candidate, ms)`` options, ties within ``tolerance`` of its
+        top-1 going to the slowest (then the more accurate)."""
+        if not options:
             return None
-        top = max(c.top1 for c in f)
-        return max((c for c in f if c.top1 >= top - self.tolerance - 1e-12),
-                   key=lambda c: (c.latency_ms, c.top1))  # fmt: skip
+        top = max(c.top1 for c, _ in options)
+        return max((o for o in options if o[0].top1 >= top - self.tolerance - 1e-12),
+                   key=lambda o: (o[1], o[0].top1))  # fmt: skip
 
     def measured_best(self, measure: Callable[[list[Arch]], Sequence[float]], limit_ms: float,
                       *, top: int = 8) -> Candidate | None:  # fmt: skip
@@ -131,12 +136,10 @@ class SearchResult:
             return None
         ms = list(measure([c.arch for c in ranked]))
         self.info["measured_ms"] = {c.arch.describe(): m for c, m in zip(ranked, ms, strict=True)}
-        ok = [(c, m) for c, m in zip(ranked, ms, strict=True) if m <= limit_ms]
-        if not ok:
+        picked = self._pick([(c, m) for c, m in zip(ranked, ms, strict=True) if m <= limit_ms])
+        if picked is None:
             return min(zip(ranked, ms, strict=True), key=lambda cm: cm[1])[0]
-        top1 = max(c.top1 for c, _ in ok)
-        return max((cm for cm in ok if cm[0].top1 >= top1 - self.tolerance - 1e-12),
-                   key=lambda cm: (cm[1], cm[0].top1))[0]  # fmt: skip
+        return picked[0]
 
     def best_top1(self) -> float:
         """The best feasible top-1 (0 when nothing is feasible)."""
@@ -254,10 +257,10 @@ def seed_archs(space: CNNSpace, latency: Callable[[Arch], float], target_ms: flo
     genes = space.encode(space.largest())
     found = 0
     while found < largest:
-        if latency(space.decode(genes)) <= target_ms:
-            before = len(out)
-            add(space.decode(genes))
-            found += len(out) > before
+        arch = space.decode(genes)
+        if arch not in out and latency(arch) <= target_ms:
+            out.append(arch)
+            found += 1
         steps = []  # every gene lowered by one choice, by the latency it saves
         for i, (g, c) in enumerate(zip(genes, choices, strict=True)):
             j = c.index(g)
