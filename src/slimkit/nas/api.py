@@ -226,7 +226,8 @@ def search_arch(
     split and measure it in ORT. ``max_steps`` caps the optimizer steps of the supernet
     training and of the fine-tuning (a quick run). The search keeps a ``margin`` below the target (a
     fraction; default: the latency model's median error on its held-out networks), so that the
-    chosen network still meets the target when measured.
+    chosen network still meets the target when measured; the goal never drops below the smallest
+    network's prediction (``metrics["goal_ms"]``), so a target the space can meet always gives one.
     """
     from slimkit.zoo.tasks import evaluate, load_task
 
@@ -256,6 +257,9 @@ def search_arch(
     ev = task_evaluator(net, t, lambda a: table.predict(space, a), seed=seed)
     calib = ev.calib
     margin = check.median_error if margin is None else margin
+    # the margin never rules out the whole space: a target just above the smallest network with a
+    # large held-out error (a busy machine) would leave nothing to search, so the goal stops at it
+    goal = max(target * (1 - margin), lo)
     if strategy == "darts":
         stage("search (darts)")
         cfg = darts or Darts()
@@ -263,13 +267,12 @@ def search_arch(
             cfg = cfg.replace(max_steps=max_steps)
         loader = t.loader("train", batch_size, shuffle=True, seed=seed + 2)
         res = darts_search(net, table, train_loader=loader, val=held_out(t, batch_size),
-                           target_ms=target * (1 - margin), evaluate=ev, config=cfg, seed=seed,
+                           target_ms=goal, evaluate=ev, config=cfg, seed=seed,
                            progress=progress)  # fmt: skip
         if on_trial is not None:
             on_trial(1, res.trials[0])
     else:
         stage(f"search ({strategy}, {trials} trials)")
-        goal = target * (1 - margin)
         initial = seed_archs(space, ev.latency, goal) if strategy == "nsga2" else []
         res = search(space, ev, trials=trials, target_ms=goal, strategy=strategy, seed=seed,
                      on_trial=on_trial, latency=ev.latency, initial=initial)  # fmt: skip
@@ -292,6 +295,7 @@ def search_arch(
         "search_top1_val": best.top1,
         "predicted_ms": best.latency_ms,
         "margin": margin,
+        "goal_ms": goal,
         "measured_ms": measured,
         "meets_target": measured <= target,
         "params": best.params,
