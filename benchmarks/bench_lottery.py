@@ -60,10 +60,13 @@ def main() -> None:
     p.add_argument("--sparsity", type=float, default=0.8)
     p.add_argument("--rewind-epoch", type=int, default=1)
     p.add_argument("--rounds", type=int, default=4, help="prune-rewind-retrain rounds")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="epochs of every training run, dense and ticket alike (default: the "
+                        "zoo recipe's)")  # fmt: skip
     args = p.parse_args()
     t0 = start()
     recipe = PRETRAINED.get(args.model)
-    epochs = 4 if args.quick else recipe.epochs
+    epochs = 4 if args.quick else (args.epochs or recipe.epochs)
     cfg = Lottery(sparsity=args.sparsity, rounds=2 if args.quick else args.rounds, epochs=epochs,
                   rewind_epoch=min(args.rewind_epoch, epochs - 1), lr=recipe.lr,
                   optimizer=recipe.optimizer, weight_decay=recipe.weight_decay,
