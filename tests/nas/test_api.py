@@ -37,6 +37,10 @@ def test_nas_command_writes_a_model_that_reloads_and_runs_in_ort(tmp_path, monke
     info = json.loads(res.output[res.output.index("{") :])
     assert info["predicted_ms"] <= info["goal_ms"] + 1e-12
     assert info["goal_ms"] <= info["target_ms"]
+    # hardware in the loop: the best trials were measured in ORT and the pick is one of them
+    assert info["picked_by"] == "measured"
+    measured = info["search"]["info"]["measured_ms"]
+    assert info["describe"] in measured and all(ms > 0 for ms in measured.values())
     assert info["search"]["trials"] == 5 and 0.0 <= info["top1"] <= 1.0
     assert info["latency_model"]["n"] == 8 and info["measured_ms"] > 0
     assert {p.name for p in out.iterdir()} >= {"arch.yaml", "model.safetensors", "model.onnx",

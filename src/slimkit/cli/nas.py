@@ -32,6 +32,12 @@ def nas_cmd(
         2.0, min=0.0, help="DARTS: weight of the expected-latency term"
     ),
     threads: int = typer.Option(1, min=1, help="ORT threads the latency is measured with"),
+    measure_top: int = typer.Option(
+        8,
+        min=0,
+        help="measure this many of the best trials in ORT and pick among those under "
+        "the target (0: trust the latency table)",
+    ),
     seed: int = typer.Option(0, help="random seed"),
     json_out: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
 ) -> None:
@@ -71,7 +77,8 @@ def nas_cmd(
         res = search_arch(task, space=sp, latency_ms=latency_ms, trials=trials,
                           strategy=strategy, supernet_epochs=supernet_epochs,
                           finetune_epochs=finetune_epochs, max_steps=max_steps, threads=threads,
-                          seed=seed, progress=not json_out, on_stage=on_stage,
+                          seed=seed, measure_top=measure_top, progress=not json_out,
+                          on_stage=on_stage,
                           on_trial=on_trial,
                           darts=Darts(epochs=darts_epochs, latency_weight=latency_weight,
                                       max_steps=max_steps))  # fmt: skip

@@ -207,6 +207,8 @@ def search_arch(
     seed: int = 0,
     max_steps: int | None = None,
     margin: float | None = None,
+    measure_top: int = 8,
+    measure_margin: float = 0.03,
     progress: bool = True,
     on_stage: Callable[[str], None] | None = None,
     on_trial: Callable[[int, Candidate], None] | None = None,
@@ -228,6 +230,11 @@ def search_arch(
     fraction; default: the latency model's median error on its held-out networks), so that the
     chosen network still meets the target when measured; the goal never drops below the smallest
     network's prediction (``metrics["goal_ms"]``), so a target the space can meet always gives one.
+    Hardware in the loop (``"nsga2"``, ``"random"``, ``"rl"``): the ``measure_top`` most accurate
+    trials are measured in ORT as whole networks and the pick is made among those measured under
+    ``target * (1 - measure_margin)`` (:meth:`~slimkit.nas.search.SearchResult.measured_best`;
+    the table errs most at the edge of the budget, where the best trial sits); ``measure_top=0``
+    trusts the table alone.
     """
     from slimkit.zoo.tasks import evaluate, load_task
 
@@ -277,6 +284,12 @@ def search_arch(
         res = search(space, ev, trials=trials, target_ms=goal, strategy=strategy, seed=seed,
                      on_trial=on_trial, latency=ev.latency, initial=initial)  # fmt: skip
     best = res.best
+    picked_by = "table"
+    if strategy != "darts" and measure_top > 0 and best is not None:
+        stage("measure the best trials")
+        best = res.measured_best(lambda archs: measure_archs(space, archs, threads=threads),
+                                 target * (1 - measure_margin), top=measure_top)  # fmt: skip
+        picked_by = "measured"
     if best is None:  # pragma: no cover - the smallest network meets any target >= lo
         raise ConfigError("no architecture met the latency target", fix="raise --latency-ms")
     stage("fine-tune")
@@ -296,6 +309,7 @@ def search_arch(
         "predicted_ms": best.latency_ms,
         "margin": margin,
         "goal_ms": goal,
+        "picked_by": picked_by,
         "measured_ms": measured,
         "meets_target": measured <= target,
         "params": best.params,
