@@ -98,11 +98,12 @@ def quick_space() -> CNNSpace:
     ])  # fmt: skip
 
 
-def latency_model(space: CNNSpace, threads: int) -> tuple[Any, dict[str, Any]]:
+def latency_model(space: CNNSpace, threads: int, cache: bool) -> tuple[Any, dict[str, Any]]:
     from slimkit.analyze.hardware import load_profile
 
-    table, check = calibrated_table(space, threads=threads, n_calib=8, n_val=12)
-    out: dict[str, Any] = {"lookup_table": check.to_dict(), "scale": table.scale,
+    table, check = calibrated_table(space, threads=threads, n_calib=8, n_val=12, cache=cache)
+    out: dict[str, Any] = {"lookup_table": check.to_dict(), "table_from_cache": cache,
+                           "scale": table.scale,
                            "offset": table.offset, "entries": len(table.entries)}  # fmt: skip
     try:
         hw = load_profile("this", threads=threads)
@@ -175,6 +176,9 @@ def main() -> None:
     p.add_argument("--measure-margin", type=float, default=0.03,
                    help="the fine-tuned pick of NSGA-II, random and RL is the best trial measured "
                    "in ORT under target x (1 - this): the noise of one measurement")  # fmt: skip
+    p.add_argument("--table-cache", action="store_true",
+                   help="reuse this machine's cached latency table (default: measure it afresh; "
+                   "a table cached on a busy machine mispredicts on a quiet one)")  # fmt: skip
     p.add_argument(
         "--supernet-cache",
         type=Path,
@@ -214,7 +218,7 @@ def main() -> None:
     load = os.getloadavg()
 
     tl = time.perf_counter()
-    table, lat_info = latency_model(space, threads)
+    table, lat_info = latency_model(space, threads, args.table_cache)
     lat_info["seconds"] = round(time.perf_counter() - tl, 1)
     print(f"latency table: {lat_info['entries']} entries, held-out median error "
           f"{lat_info['lookup_table']['median_rel_error']:.1%}", flush=True)  # fmt: skip

@@ -137,3 +137,22 @@ def test_measured_best_keeps_the_measured_limit():
     assert res.measured_best(measure, 0.5).arch == a
     assert res.measured_best(measure, 0.1).arch == a  # none fits: the fastest measured
     assert res.measured_best(measure, 1.0, top=1).arch == c  # only c measured, and over
+
+
+def test_measured_best_measures_the_tied_trials_slowest_first():
+    # a tie set larger than `top`: the slow ones near the budget are the ones measured, not the
+    # fast ones a hair more accurate on the proxy
+    space = CNNSpace()
+    a, b, c = (space.uniform(i) for i in range(3))
+    d = space.smallest()
+    res = SearchResult("nsga2", 1.0, tolerance=0.05, trials=[
+        Candidate(d, 0.62, 0.2, 1), Candidate(a, 0.61, 0.5, 2), Candidate(b, 0.60, 0.8, 3),
+        Candidate(c, 0.40, 0.9, 4)])  # fmt: skip
+    seen = []
+
+    def measure(archs):
+        seen.extend(archs)
+        return [{a: 0.5, b: 0.8}[x] for x in archs]
+
+    assert res.measured_best(measure, 1.0, top=2).arch == b  # ties go to the slowest measured
+    assert seen == [b, a]

@@ -65,10 +65,12 @@ def calibrated_table(
     n_val: int = 8,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
+    cache: bool = True,
 ) -> tuple[LatencyTable, Validation]:
     """The latency table of ``space``, calibrated on ``n_calib`` whole networks (the largest,
-    the smallest and random ones) and validated on ``n_val`` other random ones."""
-    table = LatencyTable.measure(space, threads=threads, progress=progress)
+    the smallest and random ones) and validated on ``n_val`` other random ones; ``cache=False``
+    measures the entries afresh (a table cached on a busy machine stays as slow as it was)."""
+    table = LatencyTable.measure(space, threads=threads, progress=progress, cache=cache)
     rng = random.Random(seed)
     cal = [space.largest(), space.smallest(), *[space.sample(rng) for _ in range(n_calib - 2)]]
     held = [a for a in (space.sample(rng) for _ in range(4 * n_val)) if a not in cal][:n_val]

@@ -126,12 +126,17 @@ class SearchResult:
 
     def measured_best(self, measure: Callable[[list[Arch]], Sequence[float]], limit_ms: float,
                       *, top: int = 8) -> Candidate | None:  # fmt: skip
-        """Hardware in the loop: measure the ``top`` most accurate feasible trials as whole
-        networks (``measure(archs) -> ms``) and choose, as :attr:`best` does, among those
-        measured at most ``limit_ms``; when none is, the fastest measured one. The prediction
-        errs most at the edge of the budget, where :attr:`best` looks; the measurements are
-        kept in ``info["measured_ms"]``."""
-        ranked = sorted(self.feasible, key=lambda c: (-c.top1, -c.latency_ms))[:top]
+        """Hardware in the loop: measure ``top`` feasible trials as whole networks
+        (``measure(archs) -> ms``) and choose, as :attr:`best` does, among those measured at
+        most ``limit_ms``; when none is, the fastest measured one. Measured first are the
+        trials tied with the most accurate (within ``tolerance``), slowest predicted first (the
+        ones :attr:`best` prefers, and where the prediction errs most, at the edge of the
+        budget), then the rest by top-1. The measurements are kept in ``info["measured_ms"]``."""
+        top1 = self.best_top1()
+        tied = [c for c in self.feasible if c.top1 >= top1 - self.tolerance - 1e-12]
+        rest = [c for c in self.feasible if c.top1 < top1 - self.tolerance - 1e-12]
+        ranked = (sorted(tied, key=lambda c: (-c.latency_ms, -c.top1))
+                  + sorted(rest, key=lambda c: (-c.top1, -c.latency_ms)))[:top]  # fmt: skip
         if not ranked:
             return None
         ms = list(measure([c.arch for c in ranked]))
