@@ -60,11 +60,12 @@ def main() -> None:
     p.add_argument("--sparsity", type=float, default=0.8)
     p.add_argument("--rewind-epoch", type=int, default=1)
     p.add_argument("--rounds", type=int, default=4, help="prune-rewind-retrain rounds")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--epochs", type=int, default=None,
                    help="epochs of every training run, dense and ticket alike (default: the "
                         "zoo recipe's)")  # fmt: skip
     args = p.parse_args()
-    t0 = start()
+    t0 = start(threads=args.threads)
     recipe = PRETRAINED.get(args.model)
     epochs = 4 if args.quick else (args.epochs or recipe.epochs)
     cfg = Lottery(sparsity=args.sparsity, rounds=2 if args.quick else args.rounds, epochs=epochs,

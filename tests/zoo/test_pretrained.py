@@ -74,9 +74,9 @@ def test_cache_key_follows_recipe_and_python_version(monkeypatch: pytest.MonkeyP
 
 
 def test_registry_and_default_cache_dir(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert zp.PRETRAINED.names() == ["digits_cnn", "shapes_cnn", "shapes_resnet18",
-                                     "shapes_mobilenetv2", "pycode_gpt", "pycode_classifier",
-                                     "pycode_classifier_deep"]  # fmt: skip
+    assert zp.PRETRAINED.names() == ["digits_cnn", "shapes_cnn", "shapes_cnn_wide",
+                                     "shapes_resnet18", "shapes_mobilenetv2", "pycode_gpt",
+                                     "pycode_classifier", "pycode_classifier_deep"]  # fmt: skip
     with pytest.raises(RegistryError, match="did you mean 'digits_cnn'"):
         zp.pretrained("digit_cnn")
     monkeypatch.delenv("SLIMKIT_CACHE_DIR", raising=False)

@@ -94,6 +94,19 @@ PRETRAINED.add(
         summary="small_cnn on the generated 32x32 shapes",
     ),
 )
+PRETRAINED.add(
+    "shapes_cnn_wide",
+    Recipe(
+        model="small_cnn",
+        model_kwargs={"width": 32},  # 4x shapes_cnn's weights: room for 80 % sparsity
+        task="shapes",
+        epochs=10,
+        lr=2e-3,
+        batch_size=64,
+        weight_decay=5e-4,
+        summary="small_cnn at twice shapes_cnn's width on the generated 32x32 shapes",
+    ),
+)
 # bench_pipeline's CNNs: narrow enough to train in minutes on 2 threads (not trained by any test)
 PRETRAINED.add(
     "shapes_resnet18",
