@@ -232,7 +232,7 @@ def search_arch(
     fraction; default: the latency model's median error on its held-out networks), so that the
     chosen network still meets the target when measured; the goal never drops below the smallest
     network's prediction (``metrics["goal_ms"]``), so a target the space can meet always gives one.
-    Hardware in the loop (``"nsga2"``, ``"random"``, ``"rl"``): the ``measure_top`` most accurate
+    Hardware in the loop (``"nsga2"``, ``"random"``, ``"rl"``): ``measure_top`` of the best
     trials are measured in ORT as whole networks and the pick is made among those measured under
     ``target * (1 - measure_margin)`` (:meth:`~slimkit.nas.search.SearchResult.measured_best`;
     the table errs most at the edge of the budget, where the best trial sits); ``measure_top=0``
