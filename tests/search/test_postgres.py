@@ -119,11 +119,10 @@ def test_two_workers_one_killed_mid_trial(postgres_url: str, tmp_path: Path) -> 
         assert main is not None
         assert main.wait(timeout=300) == 0, main.stderr.read().decode()[-3000:]  # type: ignore[union-attr]
     finally:
-        for p in (main, *victims):
-            if p is not None and p.poll() is None:
+        for p in (q for q in (main, *victims) if q is not None):
+            if p.poll() is None:
                 p.kill()
-            if p is not None:
-                p.wait()
+            p.wait()
     doc = json.loads((tmp_path / "main" / "search.json").read_text())
     by_number = {t["number"]: t for t in doc["trials"]}
     for n in done_by_victim:  # finished by the killed worker: kept

@@ -132,9 +132,9 @@ class SearchResult:
         trials tied with the most accurate (within ``tolerance``), slowest predicted first (the
         ones :attr:`best` prefers, and where the prediction errs most, at the edge of the
         budget), then the rest by top-1. The measurements are kept in ``info["measured_ms"]``."""
-        top1 = self.best_top1()
-        tied = [c for c in self.feasible if c.top1 >= top1 - self.tolerance - 1e-12]
-        rest = [c for c in self.feasible if c.top1 < top1 - self.tolerance - 1e-12]
+        cut = self.best_top1() - self.tolerance - 1e-12  # tied with the most accurate from here
+        tied = [c for c in self.feasible if c.top1 >= cut]
+        rest = [c for c in self.feasible if c.top1 < cut]
         ranked = (sorted(tied, key=lambda c: (-c.latency_ms, -c.top1))
                   + sorted(rest, key=lambda c: (-c.top1, -c.latency_ms)))[:top]  # fmt: skip
         if not ranked:
