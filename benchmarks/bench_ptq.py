@@ -16,7 +16,10 @@ run on ORT's int8 kernels, the file storing the codes as INT4. Rows: round-to-ne
 weight-MSE clipping (RTN), AdaRound (learned rounding on an output-error-chosen scale), and block
 reconstruction (``brecq``: rounding and biases learned block by block against the float block,
 started from AdaRound's codes); ResNet-18 / MobileNetV2 by SQNR as run, the trained zoo CNNs by
-test top-1 as run; ORT's own ``quantize_static`` with ``QInt4`` weights as the peer.
+test top-1 as run; ORT's own ``quantize_static`` with ``QInt4`` weights as the peer. For the
+reference models a W8A8 row (int8 default, the same activation grid) and, per slimkit row, the
+simulated SQNR with only the weights or only the activations quantized (``quant.diagnose``) show
+how much of the error a 4-bit weight method can remove at all.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from slimkit.core.machine import cpu_info  # noqa: E402
 from slimkit.export.ort import ort_session, run_session  # noqa: E402
 from slimkit.export.ort_dynamic import export_preprocessed  # noqa: E402
 from slimkit.export.qdq import export_quantized  # noqa: E402
+from slimkit.quant.diagnose import diagnose  # noqa: E402
 from slimkit.quant.ptq import PTQ, quantize_ptq  # noqa: E402
 from slimkit.testing.numerics import sqnr  # noqa: E402
 from slimkit.zoo import create_model, example_inputs  # noqa: E402
@@ -207,6 +211,7 @@ def bench_trained(name: str, tmp: Path) -> list[dict[str, Any]]:
     return rows
 
 
+W8_LABEL = "W8A8 (8-bit weights, same activations; reference)"
 W4A8 = {
     "W4A8 round-to-nearest": {},
     "W4A8 AdaRound": {"adaround": 50},
@@ -255,6 +260,13 @@ def bench_w4a8(name: str, tmp: Path) -> list[dict[str, Any]]:
         fp32, tmp, [x.numpy() for x in calib_t], name
     )
     variants.update(_w4a8_variants(model, calib_t, calib_t[0], tmp, name))
+    # the same activations with 8-bit weights: what no 4-bit weight method can beat
+    t0 = time.perf_counter()
+    q8 = quantize_ptq(model, PTQ(), data=calib_t)
+    path8 = tmp / f"{name}_w8.onnx"
+    export_quantized(q8, path8, example_inputs=(calib_t[0],))
+    variants[W8_LABEL] = {"tool": "slimkit", "path": path8, "tool_s": time.perf_counter() - t0,
+                          "q": q8}  # fmt: skip
     runners, x1 = {}, test_t[:1].numpy()
     for label, v in variants.items():
         if "error" in v:
@@ -265,6 +277,10 @@ def bench_w4a8(name: str, tmp: Path) -> list[dict[str, Any]]:
         if "q" in v:
             with torch.no_grad():
                 v["sim_sqnr_db"] = sqnr(ref, v["q"](test_t))
+            # the error split into its weight and activation halves (simulated, held-out inputs)
+            d = diagnose(v["q"], data=[test_t], reference=model, per_layer=False)
+            v["sim_weights_only_sqnr_db"] = d.weights_only_db
+            v["sim_acts_only_sqnr_db"] = d.activations_only_db
         runners[label] = ort_runner(sess, [x1])
     stats = measure_latency(runners, runs=50, warmup=5, rounds=3)
     rows = []
@@ -278,9 +294,16 @@ def bench_w4a8(name: str, tmp: Path) -> list[dict[str, Any]]:
                 "sqnr_db": round(v["sqnr_db"], 2) if label != "fp32" else None,
                 "size_mb": round(Path(v["path"]).stat().st_size / 1e6, 3),
             })  # fmt: skip
-        for k in ("tool_s", "sim_sqnr_db"):
+        for k in ("tool_s", "sim_sqnr_db", "sim_weights_only_sqnr_db", "sim_acts_only_sqnr_db"):
             if k in v:
                 row[k] = round(v[k], 2)
+        if "q" in v:  # which layers stayed float (timed per process: the same in every row)
+            row["float_prefix_layers"] = v["q"].meta["slimkit"]["float_prefix_layers"]
+        if "q" in v and "brecq" in v["q"].meta["slimkit"]:  # incl. each block's float-layer error
+            row["brecq"] = v["q"].meta["slimkit"]["brecq"]
+        rtn = variants["W4A8 round-to-nearest"].get("sqnr_db")
+        if label.startswith("W4A8") and label != "W4A8 round-to-nearest" and rtn is not None:
+            row["gain_over_rtn_db"] = round(v["sqnr_db"] - rtn, 2)
         rows.append(row)
     return rows
 
@@ -334,7 +357,9 @@ def main_w4a8(args: Any, t0: float) -> None:
         r["top1"] = r.get("metric", {}).get("top1")
     print_table("W4A8 on ONNX Runtime, batch 1", [("model", "model"), ("method", "method"),
                 ("tool", "tool"), ("ms", "latency_ms"), ("SQNR dB", "sqnr_db"), ("top-1", "top1"),
-                ("MB", "size_mb"), ("tool s", "tool_s")], rows)  # fmt: skip
+                ("gain dB", "gain_over_rtn_db"), ("W-only dB", "sim_weights_only_sqnr_db"),
+                ("A-only dB", "sim_acts_only_sqnr_db"), ("MB", "size_mb"), ("tool s", "tool_s")],
+                rows)  # fmt: skip
     print(f"wrote {path}")
 
 

@@ -71,3 +71,27 @@ def test_quantize_all_int8_keeps_no_float_layer(tmp_path: Path) -> None:
     assert r["float_layers"] == [] and r["kernels"]["float_compute"] == 0
     recipe = yaml.safe_load((out / "recipe.yaml").read_text())
     assert recipe["steps"][0]["quant.ptq"]["float_prefix"] == []
+
+
+def test_quantize_w4_adaround_with_diagnosis(tmp_path: Path) -> None:
+    """--weight-bits 4 --adaround N --diagnose: the AdaRound summary, and the error split into
+    weights / activations (4-bit weights dominate), in the JSON and in metrics.json."""
+    out = tmp_path / "q"
+    res = runner.invoke(app, ["quantize", "zoo:digits_cnn", "--out", str(out), "--runs", "3",
+                              "--weight-bits", "4", "--adaround", "10", "--all-int8",
+                              "--diagnose", "--json"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.stdout)
+    assert r["config"]["adaround"] == 10 and "learned rounding" in r["adaround"]
+    d = r["diagnosis"]
+    assert d["dominant"] == "weights" and d["weights_only_db"] < d["activations_only_db"]
+    assert len(d["layers"]) == 4 and all(x["bits"] == 4 for x in d["layers"])
+    # the split is measured on the same model: its full SQNR near the ORT one (other inputs)
+    assert abs(d["full_db"] - r["metrics"]["sqnr_db"]) < 3.0
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["diagnosis"]["full_db"] == d["full_db"]
+    table_run = runner.invoke(app, ["quantize", "zoo:digits_cnn", "--out", str(tmp_path / "t"),
+                                    "--runs", "3", "--weight-bits", "4", "--all-int8",
+                                    "--diagnose"])  # fmt: skip
+    assert table_run.exit_code == 0, table_run.output
+    assert "weights only" in table_run.stdout and "worst layers alone" in table_run.stdout

@@ -35,6 +35,18 @@ def quantize_cmd(
     weight_bits: str = typer.Option(
         "auto", help="auto (8 with VNNI, else 7) | 2-8 (below 7: low-bit codes on int8 kernels)"
     ),
+    adaround: int = typer.Option(
+        0, min=0, help="AdaRound iterations per layer (50 is the useful value; pair with 4-bit)"
+    ),
+    brecq: int = typer.Option(
+        0, min=0, help="block reconstruction iterations per block (experimental, after AdaRound)"
+    ),
+    diagnose: bool = typer.Option(
+        False,
+        "--diagnose",
+        help="also split the output error into weights / activations and name the worst layers "
+        "(held-out inputs; written to metrics.json)",
+    ),  # fmt: skip
     qat_epochs: int = typer.Option(
         0,
         min=0,
@@ -116,8 +128,8 @@ def quantize_cmd(
         )
     bits: Any = weight_bits if weight_bits == "auto" else int(weight_bits)
     cfg: Any = PTQ(calibration=method, percentile=percentile, weight_bits=bits,
-                   num_batches=num_batches, float_prefix=float_prefix,
-                   speed_check=speed_check and float_prefix)  # fmt: skip
+                   num_batches=num_batches, float_prefix=float_prefix, adaround=adaround,
+                   brecq=brecq, speed_check=speed_check and float_prefix)  # fmt: skip
     name = "quant.ptq"
     if qat_epochs:
         from slimkit.quant.ptq import resolve_weight_bits
@@ -166,6 +178,11 @@ def quantize_cmd(
     }
     if "fallback" in meta:
         result["fallback"] = meta["fallback"]
+    for key in ("adaround", "brecq"):
+        if key in meta:
+            result[key] = meta[key]
+    if diagnose:
+        result["diagnosis"] = _diagnose(res)
     run_info = res.to_dict()
     extra = {k: run_info[k] for k in ("machine", "versions")}
     write_metrics(
@@ -190,8 +207,41 @@ def quantize_cmd(
         console.print(f"speed check: {speed['summary']}")
     if "fallback_summary" in meta:
         console.print(f"float fall-back (val split): {meta['fallback_summary']}")
+    for key in ("adaround", "brecq"):
+        if key in meta:
+            console.print(meta[key])
+    if diagnose:
+        _print_diagnosis(result["diagnosis"])
     console.print(f"[dim]tool time {res.seconds:.1f} s; artifact in {out}/ "
                   "(recipe.yaml repeats it: slimkit run)[/]")  # fmt: skip
+
+
+def _diagnose(res: Any) -> dict[str, Any]:
+    """``quant.diagnose`` of the run's quantized model on held-out inputs, as a dict (or why
+    not: the model came back float)."""
+    from slimkit.pipeline.measure import held_out_inputs
+    from slimkit.quant.diagnose import diagnose
+    from slimkit.quant.modules import QuantLayer
+
+    if not any(isinstance(m, QuantLayer) for m in res.model.modules()):
+        return {"skipped": "the result is the float model (int8 was slower here): nothing to split"}
+    xs = held_out_inputs(res.source)
+    batches = [tuple(x[i : i + 8] for x in xs) for i in range(0, min(len(xs[0]), 64), 8)]
+    with err_console.status("diagnosing the quantization error"):
+        d = diagnose(res.model, data=batches, reference=res.source.model)
+    return {**d.to_dict(), "summary": d.summary()}
+
+
+def _print_diagnosis(d: dict[str, Any]) -> None:
+    if "skipped" in d:
+        console.print(f"diagnosis: {d['skipped']}")
+        return
+    console.print(f"diagnosis: {d['summary'].splitlines()[0]}")
+    worst = sorted(d["layers"], key=lambda r: r["sqnr_db"] if r["sqnr_db"] is not None else 1e9)
+    rows = [[r["name"], r["bits"], r["sqnr_db"]] for r in worst[:5]]
+    if rows:
+        console.print(table("worst layers alone (output SQNR, weights only)",
+                            ["layer", "bits", "dB"], rows))  # fmt: skip
 
 
 def _metrics(cmp: Any, label: str) -> dict[str, Any]:

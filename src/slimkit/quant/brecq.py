@@ -21,6 +21,10 @@ block's mean error does not cost rounding.
   written to its ``w_q`` and export writes exactly those integers.
 - With ``PTQ(adaround=N, brecq=M)`` it starts from AdaRound's codes (``start="codes"``), else from
   the float weights' fractions.
+- Each block also reports its error with its float layers on the same quantized inputs
+  (``BlockResult.loss_float``, ``BrecqReport.headroom``): how much of the block's error its
+  weights cause at all, so a run that gains little says whether rounding or the activation grid
+  is to blame.
 - Guard: a block keeps its learned codes only where both the block's error and the *model's* output
   error on the held-out calibration batches (every 4th) go down; a lower block error alone was
   seen to raise the output error (the mean error a pooling passes on grew while the per-position
@@ -38,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import re
 import time
 from collections.abc import Sequence
@@ -70,10 +75,15 @@ class BlockResult:
     loss: float  # with the codes kept
     changed: float  # fraction of codes that differ from nearest
     seconds: float
+    # the same error with the block's float layers (unrounded weights, original biases) on the
+    # same quantized inputs and activation grid: near or above loss_nearest, the block's error
+    # comes from what reaches it and from its activations, and no rounding can remove it
+    loss_float: float = math.nan
 
     def to_dict(self) -> dict[str, Any]:
         return {"block": self.block, "layers": self.layers,
                 "loss_nearest": self.loss_nearest, "loss": self.loss,
+                "loss_float": self.loss_float,
                 "changed": round(self.changed, 4), "seconds": round(self.seconds, 2)}  # fmt: skip
 
 
@@ -87,9 +97,19 @@ class BrecqReport:
         kept = sum(b.loss < b.loss_nearest for b in self.blocks)
         gain = [b.loss_nearest / max(b.loss, 1e-30) for b in self.blocks if b.loss > 0]
         mean = sum(gain) / len(gain) if gain else 1.0
+        room = self.headroom()
+        bound = f", {room:.2f}x with float layers" if math.isfinite(room) else ""
         return (f"block reconstruction: {len(self.blocks)} blocks, learned rounding kept in "
-                f"{kept} (block output error {mean:.2f}x lower on average), "
+                f"{kept} (block output error {mean:.2f}x lower on average{bound}), "
                 f"{len(self.skipped)} layers nearest, {self.seconds:.1f} s")  # fmt: skip
+
+    def headroom(self) -> float:
+        """Geometric mean over blocks of (error at the starting codes) / (error with the float
+        layers): roughly how far the block errors could fall if rounding cost nothing (1.0 or
+        less: the weights are not where the error is). Per block in ``blocks``."""
+        logs = [math.log(max(b.loss_nearest, 1e-30) / b.loss_float) for b in self.blocks
+                if math.isfinite(b.loss_float) and b.loss_float > 0]  # fmt: skip
+        return math.exp(sum(logs) / len(logs)) if logs else math.nan
 
 
 class _Soft:
@@ -114,6 +134,7 @@ class _Soft:
         b = layer.float_layer.bias
         self.bias = None if b is None else (b.detach().float() + layer.bias_shift)
         self.shift = torch.zeros(w.shape[0], requires_grad=True)
+        self.unrounded = False  # the float weight itself (the bound in BlockResult.loss_float)
 
     def h(self) -> torch.Tensor:
         return (torch.sigmoid(self.v) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
@@ -127,6 +148,8 @@ class _Soft:
     def __call__(self, x: torch.Tensor, codes: torch.Tensor | None = None,
                  learned_bias: bool = True) -> torch.Tensor:  # fmt: skip
         bias = self.bias
+        if self.unrounded:  # the float layer itself
+            return run_layer(self.layer.float_layer, x, self.w, self.layer.float_layer.bias)
         if learned_bias:
             bias = self.shift if bias is None else bias + self.shift
         return run_layer(self.layer.float_layer, x, self.weight(codes), bias)
@@ -274,6 +297,11 @@ def reconstruct(
         judge = held or fit
         with torch.no_grad():
             l_near = float(sum(loss_on(envs_q[i], envs_f[i], False) for i in judge)) / len(judge)
+            for s in softs.values():  # the float layers on the same inputs: the weights' share
+                s.unrounded = True
+            l_float = float(sum(loss_on(envs_q[i], envs_f[i], False) for i in judge)) / len(judge)
+            for s in softs.values():
+                s.unrounded = False
         params = [s.v for s in softs.values()]
         shifts = [s.shift for s in softs.values()]
         opt = torch.optim.Adam([{"params": params, "lr": lr}, {"params": shifts, "lr": bias_lr}])
@@ -312,6 +340,8 @@ def reconstruct(
         kept_loss, kept_changed = (l_learned, changed) if keep else (l_near, 0.0)
         names = [str(n.target) for n in layers]
         seconds = time.perf_counter() - t0
-        report.blocks.append(BlockResult(block, names, l_near, kept_loss, kept_changed, seconds))
+        report.blocks.append(
+            BlockResult(block, names, l_near, kept_loss, kept_changed, seconds, l_float)
+        )
     report.seconds = time.perf_counter() - t_all
     return report

@@ -10,7 +10,7 @@ weight scale (what ORT requires to fuse a conv).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -163,25 +163,40 @@ class QuantLayer(nn.Module):
 
 
 @contextlib.contextmanager
-def float_pass(model: nn.Module, layers: Iterable[QuantLayer] | None = None) -> Iterator[None]:
-    """Run ``model`` as its float original inside the block: activation quantizers off and
-    ``layers`` (default: every ``QuantLayer``) on their float weights; the flags are restored
-    to what they were, also on error."""
+def switched(
+    model: nn.Module,
+    acts_on: Callable[[ActQuant], bool],
+    layers_quant: Callable[[QuantLayer], bool],
+) -> Iterator[None]:
+    """Inside the block, the activation quantizers ``acts_on`` picks stay on (the others off) and
+    the layers ``layers_quant`` picks run on their integer weights (the others on their float
+    ones); a quantizer that was off stays off, a layer already float stays float. Every flag is
+    restored to what it was, also on error."""
     acts = [m for m in model.modules() if isinstance(m, ActQuant)]
-    quant = list(layers) if layers is not None else [
-        m for m in model.modules() if isinstance(m, QuantLayer)]  # fmt: skip
-    saved = [m.enabled for m in acts], [m.float_mode for m in quant]
-    for m in acts:
-        m.enabled = False
-    for lay in quant:
-        lay.float_mode = True
+    lays = [m for m in model.modules() if isinstance(m, QuantLayer)]
+    saved = [m.enabled for m in acts], [m.float_mode for m in lays]
     try:
+        for m, on in zip(acts, saved[0], strict=True):
+            m.enabled = on and bool(acts_on(m))
+        for lay, fm in zip(lays, saved[1], strict=True):
+            lay.float_mode = fm or not layers_quant(lay)
         yield
     finally:
         for m, on in zip(acts, saved[0], strict=True):
             m.enabled = on
-        for lay, fm in zip(quant, saved[1], strict=True):
+        for lay, fm in zip(lays, saved[1], strict=True):
             lay.float_mode = fm
+
+
+def float_pass(
+    model: nn.Module, layers: Iterable[QuantLayer] | None = None
+) -> contextlib.AbstractContextManager[None]:
+    """Run ``model`` as its float original inside the block: activation quantizers off and
+    ``layers`` (default: every ``QuantLayer``) on their float weights; the flags are restored
+    to what they were, also on error."""
+    floated = None if layers is None else set(map(id, layers))
+    return switched(model, lambda _a: False,
+                    lambda lay: floated is not None and id(lay) not in floated)  # fmt: skip
 
 
 def run_layer(
