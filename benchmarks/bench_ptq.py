@@ -301,6 +301,10 @@ def bench_w4a8(name: str, tmp: Path) -> list[dict[str, Any]]:
             row["float_prefix_layers"] = v["q"].meta["slimkit"]["float_prefix_layers"]
         if "q" in v and "brecq" in v["q"].meta["slimkit"]:  # incl. each block's float-layer error
             row["brecq"] = v["q"].meta["slimkit"]["brecq"]
+            row["brecq_blocks"] = [
+                {k: b[k] for k in ("block", "loss_nearest", "loss", "loss_float")}
+                for b in v["q"].meta["slimkit"]["brecq_blocks"]
+            ]
         rtn = variants["W4A8 round-to-nearest"].get("sqnr_db")
         if label.startswith("W4A8") and label != "W4A8 round-to-nearest" and rtn is not None:
             row["gain_over_rtn_db"] = round(v["sqnr_db"] - rtn, 2)

@@ -50,6 +50,9 @@ def test_block_reconstruction_beats_nearest_at_4_bits_and_exports(tmp_path: Path
     rec = sk.quantize(model, base.replace(brecq=100), data=calib)
     summary = rec.meta["slimkit"]["brecq"]
     assert "block reconstruction: 4 blocks" in summary  # the stem, two residual blocks, the head
+    blocks = rec.meta["slimkit"]["brecq_blocks"]  # per block, in order
+    assert [b["block"] for b in blocks] == ["0", "2", "3", "6"]
+    assert all(b["loss"] <= b["loss_nearest"] for b in blocks)
     with torch.no_grad():
         ref = model(x)
         s_near, s_rec = _sqnr(ref, near(x)), _sqnr(ref, rec(x))

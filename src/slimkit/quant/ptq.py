@@ -299,13 +299,16 @@ def quantize_ptq(
         from slimkit.quant.brecq import reconstruct
 
         start = "codes" if cfg.adaround else "float"
-        notes["brecq"] = reconstruct(out, batches, iterations=cfg.brecq, start=start).summary()
+        rec = reconstruct(out, batches, iterations=cfg.brecq, start=start)
+        notes["brecq"] = rec.summary()
     if cfg.embeddings:
         notes["int8_embeddings"] = ", ".join(quantize_embeddings(out, scope)) or "none"
     out.eval()
     quantized = [*dict.fromkeys(plan.weighted.values()), *leaf_layers]  # a layer called twice: once
     out.meta["slimkit"] = _meta(cfg, gm, bits, len(quants), plan.skipped, floated, const, notes,
                                 t0, quantized=len(quantized))  # fmt: skip
+    if cfg.brecq:  # per block: errors at the start, kept, and with the float layers
+        out.meta["slimkit"]["brecq_blocks"] = [b.to_dict() for b in rec.blocks]
     if source is None or not quantized:
         return out
     return _never_slower(model, cfg, out, source, quantized, floated,
