@@ -91,3 +91,35 @@ def test_extracted_network_exports_to_onnx_with_parity(tmp_path):
         ref = net(x).numpy()
     # float ONNX vs PyTorch: measured max abs error ~1e-6
     assert np.abs(out - ref).max() < 1e-4
+
+
+def test_a_stale_cached_table_is_measured_again(tmp_path, monkeypatch):
+    """A cached table that mispredicts the networks measured now (half its entries 10x too slow,
+    half 10x too fast, as if cached on a busy machine) is measured again once and the cache
+    replaced; a cached table that predicts them is kept. The whole networks' "measured" times
+    are the true table's predictions here, so which table is stale does not depend on timing."""
+    import json
+
+    from slimkit.nas import api
+    from slimkit.nas.api import STALE_ERROR, calibrated_table
+
+    monkeypatch.setenv("SLIMKIT_CACHE_DIR", str(tmp_path))
+    space = small_space()
+    truth = LatencyTable.measure(space, runs=3, rounds=1)  # cached
+    monkeypatch.setattr(api, "measure_archs",
+                        lambda sp, archs, threads=1: [truth.raw(sp, a) for a in archs])  # fmt: skip
+    (path,) = (tmp_path / "nas").glob("latency-*.json")
+    good = json.loads(path.read_text())
+    items = sorted(good["entries"].items())
+    stale = {**good, "entries": {k: v * (10.0 if i % 2 else 0.1) for i, (k, v) in enumerate(items)}}
+    path.write_text(json.dumps(stale))
+    table, check = calibrated_table(space, n_calib=4, n_val=4)
+    assert "measured again" in table.meta["refreshed"], table.meta
+    assert f"over {STALE_ERROR:.0%}" in table.meta["refreshed"]
+    assert json.loads(path.read_text())["entries"] != stale["entries"]  # the cache replaced
+
+    path.write_text(json.dumps(good))
+    kept, check = calibrated_table(space, n_calib=4, n_val=4)
+    assert check.median_error < 1e-6  # the true table predicts its own networks exactly
+    assert kept.meta.get("cached") and "refreshed" not in kept.meta
+    assert kept.entries == good["entries"]

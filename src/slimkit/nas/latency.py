@@ -170,15 +170,19 @@ class LatencyTable:
         cache: bool = True,
         progress: Callable[[str], None] | None = None,
         chunk: int = 24,
+        refresh: bool = False,
     ) -> LatencyTable:
-        """Time every entry of ``space`` (or read them from the cache). Entries are timed in
-        interleaved groups of ``chunk``."""
+        """Time every entry of ``space`` (or read them from the cache: ``meta["cached"]`` is then
+        True). Entries are timed in interleaved groups of ``chunk``. ``refresh``: time them even
+        when cached, and replace the cached table."""
         from slimkit.analyze.hardware import cache_dir
 
         key = cache_key(space, threads)
         path = cache_dir() / "nas" / f"latency-{key}.json"
-        if cache and path.is_file():
-            return cls(**json.loads(path.read_text(encoding="utf-8")))
+        if cache and not refresh and path.is_file():
+            table = cls(**json.loads(path.read_text(encoding="utf-8")))
+            table.meta = {**table.meta, "cached": True}
+            return table
         keys = space_keys(space)
         entries: dict[str, float] = {}
         calls = []
