@@ -95,3 +95,4 @@ def test_quantize_w4_adaround_with_diagnosis(tmp_path: Path) -> None:
                                     "--diagnose"])  # fmt: skip
     assert table_run.exit_code == 0, table_run.output
     assert "weights only" in table_run.stdout and "worst layers alone" in table_run.stdout
+    assert "W4A8 PTQ (mse, 4-bit weights)" in table_run.stdout

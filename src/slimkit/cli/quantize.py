@@ -196,8 +196,10 @@ def quantize_cmd(
     rows.append(["integer kernels / float compute ops", "-",
                  f"{kernels.integer} / {kernels.float_compute}"])  # fmt: skip
     how = f"QAT {qat_epochs} epochs" if qat_epochs else "PTQ"
-    console.print(table(f"{rm.name}: int8 {how} ({method}, {result['weight_bits']}-bit weights)",
-                        ["", "float", "int8"], rows))  # fmt: skip
+    wb = result["weight_bits"]  # below 7: low-bit codes on the int8 kernels (W4A8, ...)
+    scheme = "int8" if not isinstance(wb, int) or wb >= 7 else f"W{wb}A8"
+    console.print(table(f"{rm.name}: {scheme} {how} ({method}, {wb}-bit weights)",
+                        ["", "float", scheme], rows))  # fmt: skip
     speed = meta.get("speed", {})
     if "kept_float" in meta:  # int8 timed slower than the source: the float model, said so
         console.print(f"kept float: {meta['kept_float']} ({speed.get('summary', '')})")
