@@ -15,8 +15,9 @@ W4A8 (``--w4a8``): 4-bit weight codes (per channel; depthwise convs keep 8) with
 run on ORT's int8 kernels, the file storing the codes as INT4. Rows: round-to-nearest on the
 weight-MSE clipping (RTN), AdaRound (learned rounding on an output-error-chosen scale), and block
 reconstruction (``brecq``: rounding and biases learned block by block against the float block,
-started from AdaRound's codes); ResNet-18 / MobileNetV2 by SQNR as run, the trained zoo CNNs by
-test top-1 as run; ORT's own ``quantize_static`` with ``QInt4`` weights as the peer. For the
+started from AdaRound's codes); ResNet-18 / MobileNetV2 by SQNR as run, the trained zoo CNNs
+(digits_cnn, shapes_cnn, and shapes_mobilenetv2: a trained MobileNetV2) by test top-1 and the SQNR
+of their logits as run; ORT's own ``quantize_static`` with ``QInt4`` weights as the peer. For the
 reference models a W8A8 row (int8 default, the same activation grid) and, per slimkit row, the
 simulated SQNR with only the weights or only the activations quantized (``quant.diagnose``) show
 how much of the error a 4-bit weight method can remove at all.
@@ -313,7 +314,7 @@ def bench_w4a8(name: str, tmp: Path) -> list[dict[str, Any]]:
 
 
 def bench_w4a8_trained(name: str, tmp: Path) -> list[dict[str, Any]]:
-    """A trained zoo CNN: test top-1 as run in ORT, float against the W4A8 variants."""
+    """A trained zoo CNN: test top-1 and the logits' SQNR as run in ORT, float against W4A8."""
     from slimkit.export.ort import OrtModule
     from slimkit.zoo import evaluate
 
@@ -323,11 +324,21 @@ def bench_w4a8_trained(name: str, tmp: Path) -> list[dict[str, Any]]:
         _w4a8_variants(model, calib, x1, tmp, name, float_prefix=False, speed_check=False)
     )
     rows = []
+    xs = task.test.tensors[0][:512]  # SQNR of the logits against fp32, as run
+    (ref,) = run_session(ort_session(fp32), [xs])
     for label, v in variants.items():
-        top1 = evaluate(OrtModule(ort_session(v["path"])), task)["top1"]
+        sess = ort_session(v["path"])
+        top1 = evaluate(OrtModule(sess), task)["top1"]
         size = round(Path(v["path"]).stat().st_size / 1e6, 4)
         row = {"model": name, "tool": v["tool"], "method": label, "batch": 1,
                "metric": {"top1": top1}, "size_mb": size}  # fmt: skip
+        if label != "fp32":
+            (out,) = run_session(sess, [xs])
+            v["sqnr_db"] = sqnr(ref, out)
+            row["sqnr_db"] = round(v["sqnr_db"], 2)
+            rtn = variants["W4A8 round-to-nearest"].get("sqnr_db")
+            if label != "W4A8 round-to-nearest" and rtn is not None:
+                row["gain_over_rtn_db"] = round(v["sqnr_db"] - rtn, 2)
         if "tool_s" in v:
             row["tool_s"] = round(v["tool_s"], 2)
         rows.append(row)
@@ -337,7 +348,7 @@ def bench_w4a8_trained(name: str, tmp: Path) -> list[dict[str, Any]]:
 def main_w4a8(args: Any, t0: float) -> None:
     """The W4A8 rows; ``--models a,b`` reruns only those and keeps the file's other rows."""
     reference = QUICK[:2] if args.quick else FULL[:2]
-    trained = ["digits_cnn", "shapes_cnn"]
+    trained = ["digits_cnn", "shapes_cnn", "shapes_mobilenetv2"]  # the last: a trained MobileNetV2
     chosen = args.models.split(",") if args.models else reference + trained
     path = (
         args.json

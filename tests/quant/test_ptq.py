@@ -85,6 +85,28 @@ def test_ort_agrees_with_simulation_within_one_output_step(tmp_path: Path) -> No
     assert np.abs(out - sim).max() <= step * (1 + 1e-4)
 
 
+def test_parity_below_the_bound_is_judged_against_the_float_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ORT under the simulation bound (here an unreachable 200 dB) is accepted when it is as close
+    to the float model as the simulation is (tie-rounding noise a sensitive network amplifies),
+    and refused when it is further away (a wrong scale: outputs 1.5x)."""
+    import slimkit.export.ort as ort
+    from slimkit.errors import ExportError
+
+    model = ConvOut().eval()
+    q = quantize(model, INT8, data=[torch.randn(4, 3, 12, 12) for _ in range(8)])
+    x = torch.randn(2, 3, 12, 12)
+    real = ort.run_session  # export_quantized imports it when called
+    # ORT off the simulation by a hair (tiny noise): short of 200 dB, as near the float model
+    monkeypatch.setattr(ort, "run_session", lambda s, xs: [o * (1 + 1e-6) for o in real(s, xs)])
+    rep, _ = export_quantized(q, tmp_path / "q.onnx", example_inputs=(x,), min_sqnr_db=200.0)
+    assert any("as close to the float model as the simulation" in n for n in rep.notes)
+    monkeypatch.setattr(ort, "run_session", lambda s, xs: [o * 1.5 for o in real(s, xs)])
+    with pytest.raises(ExportError, match="against the float model ORT is at"):
+        export_quantized(q, tmp_path / "r.onnx", example_inputs=(x,), min_sqnr_db=200.0)
+
+
 def test_scope_keeps_layers_in_float(tmp_path: Path) -> None:
     model = create_model("cnn_bn")
     last = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]

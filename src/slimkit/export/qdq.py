@@ -89,6 +89,7 @@ def export_quantized(
     from slimkit.errors import ExportError
     from slimkit.export.onnx import _flatten, flat_io, parity_inputs
     from slimkit.export.ort import run_session
+    from slimkit.quant.modules import float_pass
     from slimkit.testing.numerics import max_abs_err, sqnr
 
     module, flat, _, _ = flat_io(model, example_inputs, example_kwargs)
@@ -125,10 +126,29 @@ def export_quantized(
     agreement = sqnr(refs, out)
     rep.notes.append(f"ORT vs simulation SQNR {agreement:.1f} dB")
     if agreement < min_sqnr_db:
-        raise ExportError(
-            f"ONNX Runtime's integer model differs from slimkit's simulation: SQNR {agreement:.1f} "
-            f"dB (bound {min_sqnr_db:g} dB), max abs error {rep.max_abs_err:.3g}",
-            fix="on CPUs without VNNI quantize with weight_bits=7 (the default 'auto' does); "
-            "otherwise report the model, this is a bug",
+        # A sensitive network (one whose quantized output is far from its float output) can
+        # amplify ORT's one-step rounding differences at exact ties past the bound. Then ORT is
+        # still as close to the float model as the simulation is; a wrong scale or a saturating
+        # kernel makes it further away. So judge ORT against the float model too.
+        with float_pass(model), torch.no_grad():
+            floats = _flatten(module(*inputs))
+        sim_db, ort_db = sqnr(floats, refs), sqnr(floats, out)
+        if ort_db < sim_db - TIE_SLACK_DB:
+            raise ExportError(
+                f"ONNX Runtime's integer model differs from slimkit's simulation: SQNR "
+                f"{agreement:.1f} dB (bound {min_sqnr_db:g} dB), max abs error "
+                f"{rep.max_abs_err:.3g}; against the float model ORT is at {ort_db:.1f} dB, the "
+                f"simulation at {sim_db:.1f} dB",
+                fix="on CPUs without VNNI quantize with weight_bits=7 (the default 'auto' does); "
+                "otherwise report the model, this is a bug",
+            )
+        rep.notes.append(
+            f"ORT vs simulation under {min_sqnr_db:g} dB, but ORT is as close to the float model "
+            f"as the simulation ({ort_db:.1f} vs {sim_db:.1f} dB): rounding differences at ties, "
+            "amplified by a sensitive network"
         )
     return rep, kernel_report(path)
+
+
+# how much further from the float model than the simulation ORT may be when it misses the bound
+TIE_SLACK_DB = 1.0
