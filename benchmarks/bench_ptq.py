@@ -13,14 +13,14 @@ not), since int8 speed and correctness depend on them.
 
 W4A8 (``--w4a8``): 4-bit weight codes (per channel; depthwise convs keep 8) with uint8 activations
 run on ORT's int8 kernels, the file storing the codes as INT4. Rows: round-to-nearest on the
-weight-MSE clipping (RTN), AdaRound (learned rounding on an output-error-chosen scale), and block
-reconstruction (``brecq``: rounding and biases learned block by block against the float block,
-started from AdaRound's codes); ResNet-18 / MobileNetV2 by SQNR as run, the trained zoo CNNs
-(digits_cnn, shapes_cnn, and shapes_mobilenetv2: a trained MobileNetV2) by test top-1 and the SQNR
-of their logits as run; ORT's own ``quantize_static`` with ``QInt4`` weights as the peer. For the
-reference models a W8A8 row (int8 default, the same activation grid) and, per slimkit row, the
-simulated SQNR with only the weights or only the activations quantized (``quant.diagnose``) show
-how much of the error a 4-bit weight method can remove at all.
+weight-MSE clipping (RTN), AdaRound (learned rounding on an output-error-chosen scale; 50 and 200
+iterations), and block reconstruction (``brecq``: rounding and biases learned block by block
+against the float block, started from AdaRound's codes); ResNet-18 / MobileNetV2 by SQNR as run,
+the trained zoo CNNs (digits_cnn, shapes_cnn, and shapes_mobilenetv2: a trained MobileNetV2) by
+test top-1 and the SQNR of their logits as run; ORT's own ``quantize_static`` with ``QInt4``
+weights as the peer. For the reference models a W8A8 row (int8 default, the same activation grid)
+and, per slimkit row, the simulated SQNR with only the weights or only the activations quantized
+(``quant.diagnose``) show how much of the error a 4-bit weight method can remove at all.
 """
 
 from __future__ import annotations
@@ -216,6 +216,7 @@ W8_LABEL = "W8A8 (8-bit weights, same activations; reference)"
 W4A8 = {
     "W4A8 round-to-nearest": {},
     "W4A8 AdaRound": {"adaround": 50},
+    "W4A8 AdaRound, 200 iterations": {"adaround": 200},
     "W4A8 block reconstruction": {"adaround": 50, "brecq": 100},
 }
 

@@ -36,7 +36,7 @@ def quantize_cmd(
         "auto", help="auto (8 with VNNI, else 7) | 2-8 (below 7: low-bit codes on int8 kernels)"
     ),
     adaround: int = typer.Option(
-        0, min=0, help="AdaRound iterations per layer (50 is the useful value; pair with 4-bit)"
+        0, min=0, help="AdaRound iterations per layer (200 on trained models; pair with 4-bit)"
     ),
     brecq: int = typer.Option(
         0, min=0, help="block reconstruction iterations per block (experimental, after AdaRound)"

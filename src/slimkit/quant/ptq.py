@@ -80,8 +80,8 @@ class PTQ(Config):
     # into the next layers' biases, and Nagel's cross-layer scaling (costs ResNet-18 0.3 dB)
     bias_absorption: bool = True
     cle: bool = False
-    # AdaRound iterations per layer (quant.adaround); 0 rounds to nearest. 50 is the useful value:
-    # off by default for its 3-5x tool time (see the module docstring)
+    # AdaRound iterations per layer (quant.adaround); 0 rounds to nearest. 200 on trained models
+    # (50 on random weights): off by default for its 3-5x tool time (see quant.adaround)
     adaround: int = Field(0, ge=0, le=100_000)
     # block reconstruction iterations per block (quant.brecq, experimental): the rounding and
     # biases of a block's layers learned together against the float block output, after
