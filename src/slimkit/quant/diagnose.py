@@ -142,8 +142,10 @@ def diagnose(
         if reference is not None:
             ref_was = reference.training
             reference.eval()
-            ref = run(reference)
-            reference.train(ref_was)
+            try:
+                ref = run(reference)
+            finally:
+                reference.train(ref_was)
         else:
             with switched(qmodel, lambda _a: False, lambda _lay: False):
                 ref = run(qmodel)
