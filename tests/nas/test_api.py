@@ -73,6 +73,29 @@ def test_a_margin_larger_than_the_room_stops_at_the_smallest_network(tmp_path, m
     assert m["predicted_ms"] <= m["goal_ms"] + 1e-12
 
 
+@pytest.mark.slow
+def test_when_no_trial_meets_the_goal_the_smallest_network_is_picked(tmp_path, monkeypatch):
+    """The fallback: with the goal pinned at the smallest network's prediction, a search whose
+    trials all land over it (here: it only ever draws the largest network) ends with the smallest
+    network, which meets the goal, instead of raising."""
+    from slimkit.nas import api
+    from slimkit.nas.search import SearchResult
+
+    monkeypatch.setenv("SLIMKIT_CACHE_DIR", str(tmp_path / "cache"))
+    space = tiny()
+
+    def largest_only(space, ev, *, trials, target_ms, strategy, **_kw):
+        return SearchResult(strategy, target_ms, [ev(space.largest()) for _ in range(trials)])
+
+    monkeypatch.setattr(api, "search", largest_only)
+    res = search_arch("shapes", space=space, trials=2, strategy="random", supernet_epochs=1,
+                      finetune_epochs=1, max_steps=2, margin=0.99, measure_top=0,
+                      progress=False)  # fmt: skip
+    assert res.arch == space.smallest()
+    assert [c.arch for c in res.search.trials] == [space.largest()] * 2 + [space.smallest()]
+    assert res.metrics["predicted_ms"] <= res.metrics["goal_ms"] + 1e-12
+
+
 def test_a_task_that_does_not_fit_the_space_is_rejected(tmp_path):
     digits = SimpleNamespace(name="digits", kind="classification", input_shape=(1, 8, 8),
                              num_classes=10)  # fmt: skip
