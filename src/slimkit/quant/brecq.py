@@ -134,7 +134,7 @@ class _Soft:
         b = layer.float_layer.bias
         self.bias = None if b is None else (b.detach().float() + layer.bias_shift)
         self.shift = torch.zeros(w.shape[0], requires_grad=True)
-        self.unrounded = False  # the float weight itself (the bound in BlockResult.loss_float)
+        self.unrounded = False  # run as the float layer (BlockResult.loss_float)
 
     def h(self) -> torch.Tensor:
         return (torch.sigmoid(self.v) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
