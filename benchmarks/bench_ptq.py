@@ -223,18 +223,18 @@ W4A8 = {
 
 def _w4a8_variants(
     model: torch.nn.Module, calib: list[Any], x1: torch.Tensor, tmp: Path, name: str,
-    **pinned: Any,
+    table: dict[str, dict[str, Any]] = W4A8, **pinned: Any,
 ) -> dict[str, dict[str, Any]]:  # fmt: skip
-    """slimkit's three W4A8 variants, exported; label -> {path, tool_s, q}. ``pinned``: PTQ
-    options every variant shares (the trained models pin the float prefix and the speed check
-    off, so that timing noise on a busy machine cannot hand back a float model or change which
-    layers are int8 between variants)."""
+    """slimkit's variants (``table``: label -> PTQ options, 4-bit weights unless they say),
+    exported; label -> {path, tool_s, q}. ``pinned``: PTQ options every variant shares (the
+    trained models pin the float prefix and the speed check off, so that timing noise on a busy
+    machine cannot hand back a float model or change which layers are int8 between variants)."""
     out = {}
-    for label, opts in W4A8.items():
+    for label, opts in table.items():
         t0 = time.perf_counter()
-        q = quantize_ptq(model, PTQ(weight_bits=4, **opts, **pinned), data=calib)
+        q = quantize_ptq(model, PTQ(**{"weight_bits": 4, **opts}, **pinned), data=calib)
         secs = time.perf_counter() - t0
-        path = tmp / f"{name}_{len(out)}_w4.onnx"
+        path = tmp / f"{name}_{len(out)}.onnx"
         export_quantized(q, path, example_inputs=(x1,))
         out[label] = {"tool": "slimkit", "path": path, "tool_s": secs, "q": q}
         print(f"  {name}: {label} in {secs:.1f} s", flush=True)
@@ -261,14 +261,9 @@ def bench_w4a8(name: str, tmp: Path) -> list[dict[str, Any]]:
     variants["ORT static, QInt4 weights, per-channel minmax"] = _ort_int4(
         fp32, tmp, [x.numpy() for x in calib_t], name
     )
-    variants.update(_w4a8_variants(model, calib_t, calib_t[0], tmp, name))
-    # the same activations with 8-bit weights: what no 4-bit weight method can beat
-    t0 = time.perf_counter()
-    q8 = quantize_ptq(model, PTQ(), data=calib_t)
-    path8 = tmp / f"{name}_w8.onnx"
-    export_quantized(q8, path8, example_inputs=(calib_t[0],))
-    variants[W8_LABEL] = {"tool": "slimkit", "path": path8, "tool_s": time.perf_counter() - t0,
-                          "q": q8}  # fmt: skip
+    # and the same activations with 8-bit weights: what no 4-bit weight method can beat
+    table: dict[str, dict[str, Any]] = {**W4A8, W8_LABEL: {"weight_bits": "auto"}}
+    variants.update(_w4a8_variants(model, calib_t, calib_t[0], tmp, name, table))
     runners, x1 = {}, test_t[:1].numpy()
     for label, v in variants.items():
         if "error" in v:
@@ -276,11 +271,9 @@ def bench_w4a8(name: str, tmp: Path) -> list[dict[str, Any]]:
         sess = ort_session(v["path"])
         (out,) = run_session(sess, [test_t])
         v["sqnr_db"] = sqnr(ref, out)
-        if "q" in v:
-            with torch.no_grad():
-                v["sim_sqnr_db"] = sqnr(ref, v["q"](test_t))
-            # the error split into its weight and activation halves (simulated, held-out inputs)
+        if "q" in v:  # simulated, held-out inputs: as quantized, and split into its halves
             d = diagnose(v["q"], data=[test_t], reference=model, per_layer=False)
+            v["sim_sqnr_db"] = d.full_db
             v["sim_weights_only_sqnr_db"] = d.weights_only_db
             v["sim_acts_only_sqnr_db"] = d.activations_only_db
         runners[label] = ort_runner(sess, [x1])

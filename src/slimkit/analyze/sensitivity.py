@@ -29,10 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimkit.core.data import iter_batches
+from slimkit.core.data import inputs_to_measure
 from slimkit.core.io import PathLike, write_json
 from slimkit.core.scope import Scope
-from slimkit.errors import ConfigError, DataError
+from slimkit.errors import ConfigError
 from slimkit.quant.primitives import quantize_weight
 from slimkit.testing.numerics import sqnr
 
@@ -195,16 +195,11 @@ def _apply(model: nn.Module, name: str, m: nn.Module, change: str) -> None:
 
 
 def _sqnr_metric(model: nn.Module, data: Any, example_inputs: Any) -> Callable[[nn.Module], float]:
-    if data is not None:
-        batches = [b for b in iter_batches(data, what="sensitivity data", limit=8)]
-    elif example_inputs is not None:
-        inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
-        batches = list(iter_batches([tuple(inputs)], what="example inputs", n_inputs=len(inputs)))
-    else:
-        raise DataError(
-            "sensitivity needs a metric, data or example inputs",
-            fix="pass metric=callable(model) -> float, data=batches or example_inputs=(x,)",
-        )
+    batches = inputs_to_measure(
+        data, example_inputs, what="sensitivity", limit=8,
+        missing="sensitivity needs a metric, data or example inputs",
+        fix="pass metric=callable(model) -> float, data=batches or example_inputs=(x,)",
+    )  # fmt: skip
     with torch.no_grad():
         ref = [b.run(model) for b in batches]
 

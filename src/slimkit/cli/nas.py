@@ -105,6 +105,6 @@ def nas_cmd(
         ["latency model median error", f"{lm['median_rel_error']:.1%} on {lm['n']} networks"],
     ]
     console.print(table(f"slimkit nas on {task} ({strategy})", ["", ""], rows))
-    if lm.get("table", "").startswith("the cached table"):  # found stale and measured again
+    if lm.get("table") not in (None, "cached", "measured"):  # found stale and measured again
         console.print(f"latency table: {lm['table']}")
     console.print(f"[dim]artifact in {out}/[/]")

@@ -181,8 +181,13 @@ def quantize_cmd(
     for key in ("adaround", "brecq"):
         if key in meta:
             result[key] = meta[key]
+    diagnosis = _diagnose(res) if diagnose else None
     if diagnose:
-        result["diagnosis"] = _diagnose(res)
+        result["diagnosis"] = (
+            {**diagnosis.to_dict(), "summary": diagnosis.summary()}
+            if diagnosis
+            else {"skipped": FLOAT_RESULT}
+        )
     run_info = res.to_dict()
     extra = {k: run_info[k] for k in ("machine", "versions")}
     write_metrics(
@@ -213,34 +218,35 @@ def quantize_cmd(
         if key in meta:
             console.print(meta[key])
     if diagnose:
-        _print_diagnosis(result["diagnosis"])
+        _print_diagnosis(diagnosis)
     console.print(f"[dim]tool time {res.seconds:.1f} s; artifact in {out}/ "
                   "(recipe.yaml repeats it: slimkit run)[/]")  # fmt: skip
 
 
-def _diagnose(res: Any) -> dict[str, Any]:
-    """``quant.diagnose`` of the run's quantized model on held-out inputs, as a dict (or why
-    not: the model came back float)."""
+FLOAT_RESULT = "the result is the float model (int8 was slower here): nothing to split"
+
+
+def _diagnose(res: Any) -> Any:
+    """``quant.diagnose`` of the run's quantized model on held-out inputs (up to 8 batches of 8),
+    or None when the model came back float."""
     from slimkit.pipeline.measure import held_out_inputs
     from slimkit.quant.diagnose import diagnose
     from slimkit.quant.modules import QuantLayer
 
     if not any(isinstance(m, QuantLayer) for m in res.model.modules()):
-        return {"skipped": "the result is the float model (int8 was slower here): nothing to split"}
+        return None
     xs = held_out_inputs(res.source)
-    batches = [tuple(x[i : i + 8] for x in xs) for i in range(0, min(len(xs[0]), 64), 8)]
+    batches = [tuple(x[i : i + 8] for x in xs) for i in range(0, len(xs[0]), 8)]
     with err_console.status("diagnosing the quantization error"):
-        d = diagnose(res.model, data=batches, reference=res.source.model)
-    return {**d.to_dict(), "summary": d.summary()}
+        return diagnose(res.model, data=batches, reference=res.source.model)
 
 
-def _print_diagnosis(d: dict[str, Any]) -> None:
-    if "skipped" in d:
-        console.print(f"diagnosis: {d['skipped']}")
+def _print_diagnosis(d: Any) -> None:
+    if d is None:
+        console.print(f"diagnosis: {FLOAT_RESULT}")
         return
-    console.print(f"diagnosis: {d['summary'].splitlines()[0]}")
-    worst = sorted(d["layers"], key=lambda r: r["sqnr_db"] if r["sqnr_db"] is not None else 1e9)
-    rows = [[r["name"], r["bits"], r["sqnr_db"]] for r in worst[:5]]
+    console.print(f"diagnosis: {d.summary().splitlines()[0]}")
+    rows = [[r["name"], r["bits"], r["sqnr_db"]] for r in d.worst_layers(5)]
     if rows:
         console.print(table("worst layers alone (output SQNR, weights only)",
                             ["layer", "bits", "dB"], rows))  # fmt: skip

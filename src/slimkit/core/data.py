@@ -192,6 +192,19 @@ def collect_batches(data: Any, **kwargs: Any) -> list[Batch]:
     return list(iter_batches(data, **kwargs))
 
 
+def inputs_to_measure(
+    data: Any, example_inputs: Any, *, what: str, limit: int, missing: str, fix: str
+) -> list[Batch]:
+    """The batches a measurement runs on: up to ``limit`` batches of ``data``, else the
+    ``example_inputs`` (a tensor or a tuple) as one batch; neither raises ``missing`` / ``fix``."""
+    if data is not None:
+        return collect_batches(data, what=f"{what} data", limit=limit)
+    if example_inputs is not None:
+        inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
+        return collect_batches([tuple(inputs)], what="example inputs", n_inputs=len(inputs))
+    raise DataError(missing, fix=fix)
+
+
 def merge_batches(batches: Sequence[Batch], max_samples: int = 16) -> list[Batch]:
     """Consecutive batches concatenated along dim 0, up to ``max_samples`` samples each.
 

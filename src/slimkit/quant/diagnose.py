@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimkit.core.data import iter_batches
+from slimkit.core.data import inputs_to_measure
 from slimkit.core.io import PathLike, write_json
 from slimkit.errors import DataError
 from slimkit.quant.modules import ActQuant, QuantLayer, switched
@@ -121,16 +121,11 @@ def diagnose(
             "diagnose: the model has no quantized layers or activation quantizers",
             fix="pass the model that sk.quantize(model, PTQ(...)) or a converted QAT run returned",
         )
-    if data is not None:
-        batches = list(iter_batches(data, what="diagnose data", limit=max_batches))
-    elif example_inputs is not None:
-        inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
-        batches = list(iter_batches([tuple(inputs)], what="example inputs", n_inputs=len(inputs)))
-    else:
-        raise DataError(
-            "diagnose needs inputs to measure on",
-            fix="pass data=held-out batches or example_inputs=(x,)",
-        )
+    batches = inputs_to_measure(
+        data, example_inputs, what="diagnose", limit=max_batches,
+        missing="diagnose needs inputs to measure on",
+        fix="pass data=held-out batches or example_inputs=(x,)",
+    )  # fmt: skip
     was_training = qmodel.training
     qmodel.eval()
 
