@@ -167,3 +167,23 @@ def test_layers_inside_an_uncapturable_submodule_are_quantized_one_by_one(tmp_pa
     assert sqnr([model(x)], [q(x)]) >= 28.0
     _, kernels = export_quantized(q, tmp_path / "g.onnx", example_inputs=(x[:2],))
     assert kernels.integer >= 3  # gate.fc runs as an integer matmul like the others
+
+
+def test_diagnose_a_hugging_face_model_leaves_it_untouched() -> None:
+    """quant.diagnose on BERT built from a config (keyword batches, ModelOutput results): the
+    split is measured against the float model, which stays in train mode with its weights."""
+    from slimkit.quant.diagnose import diagnose
+
+    model, _ = _models()["bert"]
+    q = quantize_ptq(model, CFG, data=_text_data(8))
+    model.train()
+    before = copy.deepcopy(model.state_dict())
+    d = diagnose(q, data=_text_data(2, seed=1), reference=model)
+    _unchanged(model, before, training=True)
+    assert d.full_db > 30.0 and d.weights_only_db > d.full_db  # int8: measured ~36 dB in all
+    assert len(d.layers) >= 7 and all(r["bits"] == 8 for r in d.layers)
+    # the analysis package's sensitivity reads the same ModelOutputs
+    from slimkit.analyze.sensitivity import sensitivity
+
+    sens = sensitivity(model.eval(), data=_text_data(2, seed=1), changes=["int8"], progress=False)
+    assert len(sens.rows) >= 7 and all(r.metric > 20.0 for r in sens.rows)  # SQNR dB, finite

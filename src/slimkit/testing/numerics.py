@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -11,6 +11,8 @@ import torch
 
 
 def _flat(x: Any) -> np.ndarray:
+    if isinstance(x, Mapping):  # a dict or a Hugging Face ModelOutput: its values in key order
+        x = list(x.values())
     if isinstance(x, (list, tuple)):
         return np.concatenate([_flat(v) for v in x]) if x else np.zeros(0)
     if isinstance(x, torch.Tensor):
